@@ -1,0 +1,25 @@
+"""chattts-vllm: the ChatTTS text-to-speech model as a vLLM plugin.
+
+`register()` is the `vllm.general_plugins` entry point. vLLM calls it once in every process (front
+end, engine core, workers, the registry probe), so it is idempotent and registers the model lazily
+by name: importing the plugin never imports torch kernels or touches a GPU.
+"""
+from __future__ import annotations
+
+ARCHITECTURE = "ChatTTSForCausalLM"
+MODEL_CLASS = "chattts_vllm.gpt.model:ChatTTSForCausalLM"
+
+
+def register() -> None:
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+
+    from chattts_vllm.config import chattts_config_class
+
+    cfg_cls = chattts_config_class()
+    AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    from chattts_vllm.runners.engine_config import register_config_hook
+
+    register_config_hook(ARCHITECTURE)
