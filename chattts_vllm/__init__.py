@@ -14,10 +14,9 @@ def register() -> None:
     from transformers import AutoConfig
     from vllm import ModelRegistry
 
-    from chattts_vllm.config import chattts_config_class
+    from chattts_vllm.gpt.configuration import ChatTTSConfig
 
-    cfg_cls = chattts_config_class()
-    AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
+    AutoConfig.register(ChatTTSConfig.model_type, ChatTTSConfig, exist_ok=True)
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     from chattts_vllm.runners.engine_config import register_config_hook

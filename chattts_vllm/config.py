@@ -28,32 +28,3 @@ BREAK_0_ID = 21147              # [break_0]: refine output ids >= this are dropp
 REPETITION_WINDOW = 16          # ChatTTS penalises only the last 16 generated codes, per codebook
 MIN_TOKENS_TO_KEEP = 3          # top-p and top-k both keep at least 3 candidates
 
-
-def chattts_config_class():
-    """The transformers config class for converted checkpoints (model_type "chattts").
-
-    Built lazily so that importing the constants above does not import transformers. It is a
-    LlamaConfig, so vLLM's Llama layers read it unchanged; the ChatTTS fields ride along.
-    """
-    global _CONFIG_CLASS
-    if _CONFIG_CLASS is None:
-        from transformers import LlamaConfig
-
-        class ChatTTSConfig(LlamaConfig):
-            model_type = "chattts"
-
-            def __init__(self, num_vq: int = NUM_VQ, num_audio_tokens: int = NUM_AUDIO_TOKENS,
-                         num_text_tokens: int = NUM_TEXT_TOKENS, **kwargs):
-                self.num_vq = num_vq
-                self.num_audio_tokens = num_audio_tokens
-                self.num_text_tokens = num_text_tokens
-                kwargs.setdefault("vocab_size", num_text_tokens)
-                super().__init__(**kwargs)
-
-        ChatTTSConfig.__module__ = __name__
-        ChatTTSConfig.__qualname__ = "ChatTTSConfig"
-        _CONFIG_CLASS = ChatTTSConfig
-    return _CONFIG_CLASS
-
-
-_CONFIG_CLASS = None

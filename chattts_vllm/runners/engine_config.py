@@ -1,0 +1,39 @@
+"""Engine settings the ChatTTS model needs, applied by vLLM's per-architecture config hook.
+
+`vllm serve DIR` and `LLM(DIR)` then work with no ChatTTS-specific flags:
+- the V1 runner gets the ChatTTS sampler as a custom logits processor (it is named here, not
+  declared as a `vllm.logits_processors` entry point, which would push every model onto V1);
+- prefix caching is turned off: the speaker vector and the codes of audio frames are not part of
+  the token ids that vLLM hashes, so two requests with the same text but different voices (or
+  different audio prompts) would otherwise share KV blocks.
+"""
+from __future__ import annotations
+
+from vllm.logger import init_logger
+
+logger = init_logger(__name__)
+
+V1_SAMPLER = "chattts_vllm.runners.v1:ChatTTSLogitsProcessor"
+
+
+class ChatTTSEngineConfig:
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        return
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        model_config = vllm_config.model_config
+        procs = list(model_config.logits_processors or [])
+        if V1_SAMPLER not in procs:
+            model_config.logits_processors = procs + [V1_SAMPLER]
+        if vllm_config.cache_config.enable_prefix_caching:
+            logger.info("ChatTTS: prefix caching turned off, since speaker vectors and audio codes "
+                        "are not part of the hashed token ids (same text, other voice would share KV)")
+            vllm_config.cache_config.enable_prefix_caching = False
+
+
+def register_config_hook(architecture: str) -> None:
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    MODELS_CONFIG_MAP.setdefault(architecture, ChatTTSEngineConfig)
