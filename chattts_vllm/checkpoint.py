@@ -204,9 +204,12 @@ def _converted_weights(asset: Path, cfg: dict) -> dict[str, torch.Tensor]:
     want = backbone_shapes(cfg)
     out: dict[str, torch.Tensor] = {}
     with safe_open(str(asset / "gpt" / "model.safetensors"), framework="pt") as f:
-        extra = set(f.keys()) - set(want) - {"embed_tokens.weight"}
-        if extra:
-            raise ValueError(f"gpt/model.safetensors: unexpected keys {sorted(extra)[:5]}")
+        keys = set(f.keys())
+        extra, missing = keys - set(want) - {"embed_tokens.weight"}, set(want) - keys
+        if extra or missing:
+            raise ValueError(f"gpt/model.safetensors does not match gpt/config.json "
+                             f"({cfg['num_hidden_layers']} layers): missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(extra)[:5]}")
         for name in want:
             out[f"model.{name}"] = f.get_tensor(name).float()
 

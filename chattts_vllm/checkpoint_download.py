@@ -21,8 +21,8 @@ class DownloadError(RuntimeError):
 
 
 def fetch_asset(repo_id: str = "2Noise/ChatTTS", *, revision: str | None = None,
-                cache_dir: str | Path | None = None, progress: bool = True,
-                etag_timeout: float = 10.0) -> Path:
+                cache_dir: str | Path | None = None, endpoint: str | None = None,
+                progress: bool = True, etag_timeout: float = 10.0) -> Path:
     """Download (or find in the cache) the `asset/` files; returns the local `asset/` folder."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
@@ -32,7 +32,8 @@ def fetch_asset(repo_id: str = "2Noise/ChatTTS", *, revision: str | None = None,
         disable_progress_bars()
     try:
         root = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
-                                 allow_patterns=ALLOW_PATTERNS, etag_timeout=etag_timeout)
+                                 endpoint=endpoint, allow_patterns=ALLOW_PATTERNS,
+                                 etag_timeout=etag_timeout)
     except Exception as e:  # connection, DNS, timeout, 401/404: all end the same way for a user
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DownloadError(

@@ -167,9 +167,11 @@ class SpeakerStats:
 
     @classmethod
     def load(cls, path: str | Path) -> SpeakerStats:
-        """From a converted model dir, an official asset dir, or the stats file itself."""
+        """From a converted model dir (or its chattts/), an official asset dir, or the file itself."""
         path = Path(path)
-        for candidate in (path / SPEAKER_STATS_FILE, path / LEGACY_SPEAKER_STATS_FILE, path):
+        candidates = (path / SPEAKER_STATS_FILE, path / Path(SPEAKER_STATS_FILE).name,
+                      path / LEGACY_SPEAKER_STATS_FILE, path)
+        for candidate in candidates:
             if candidate.is_file():
                 if candidate.suffix == ".safetensors":
                     from safetensors.torch import load_file
@@ -214,8 +216,9 @@ def resolve_voice(voice: str | dict | torch.Tensor | None,
         return decode_speaker(name)
     key = name.lower()
     seed = VOICES.get(key)
-    if seed is None and key.startswith("seed:") and key[5:].strip().isdigit() and len(key) <= 23:
-        seed = int(key[5:])
+    digits = key[5:].strip() if key.startswith("seed:") else ""
+    if seed is None and digits.isdigit() and len(digits) <= 18:
+        seed = int(digits)
     if seed is not None:
         if stats is None:
             raise ValueError(f"voice {name!r} needs speaker statistics, and none were loaded")

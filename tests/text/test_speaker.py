@@ -131,6 +131,7 @@ def test_speaker_stats_from_tensor_and_files(tmp_path, stats):
     (tmp_path / "model" / "chattts").mkdir(parents=True)
     save_file(stats.state_dict(), str(tmp_path / "model" / "chattts" / "speaker_stats.safetensors"))
     assert torch.equal(SpeakerStats.load(tmp_path / "model").std, stats.std)
+    assert torch.equal(SpeakerStats.load(tmp_path / "model" / "chattts").std, stats.std)
     with pytest.raises(FileNotFoundError):
         SpeakerStats.load(tmp_path / "nowhere")
 
