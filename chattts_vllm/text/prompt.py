@@ -72,7 +72,7 @@ class ChatTTSTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         """Tokens joined by spaces, special tokens kept, as upstream's batch_decode gives them."""
-        text = self._tok.decode(list(ids), skip_special_tokens=False)
+        text = self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
         for a, b in _CLEANUP:
             text = text.replace(a, b)
         return text

@@ -161,30 +161,45 @@ class SpeakerStats:
         """Legacy `spk_stat.pt` layout: (1536,) = std then mean, or (2, 768)."""
         t = torch.as_tensor(t).detach().cpu()
         if t.shape not in ((2 * HIDDEN_SIZE,), (2, HIDDEN_SIZE)):
-            raise ValueError(f"speaker statistics must have shape (1536,) or (2, 768), got {tuple(t.shape)}")
+            raise ValueError("speaker statistics must have shape (1536,) or (2, 768), "
+                             f"got {tuple(t.shape)}")
         std, mean = t.to(torch.float16).reshape(2, HIDDEN_SIZE)
+        if not (torch.isfinite(std).all() and torch.isfinite(mean).all()):
+            raise ValueError("speaker statistics have non-finite values")
         return cls(std.clone(), mean.clone())
 
     @classmethod
     def load(cls, path: str | Path) -> SpeakerStats:
         """From a converted model dir (or its chattts/), an official asset dir, or the file itself."""
         path = Path(path)
-        candidates = (path / SPEAKER_STATS_FILE, path / Path(SPEAKER_STATS_FILE).name,
-                      path / LEGACY_SPEAKER_STATS_FILE, path)
-        for candidate in candidates:
+        for candidate in (path / SPEAKER_STATS_FILE, path / Path(SPEAKER_STATS_FILE).name,
+                          path / LEGACY_SPEAKER_STATS_FILE, path):
             if candidate.is_file():
-                if candidate.suffix == ".safetensors":
-                    from safetensors.torch import load_file
-
-                    d = load_file(str(candidate))
-                    return cls.from_tensor(torch.stack([d["std"], d["mean"]]))
-                return cls.from_tensor(torch.load(candidate, map_location="cpu", weights_only=True))
+                return cls.from_tensor(_read_stats_file(candidate))
         raise FileNotFoundError(
             f"no speaker statistics under {path} (looked for {SPEAKER_STATS_FILE} and "
             f"{LEGACY_SPEAKER_STATS_FILE})")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"std": self.std.contiguous(), "mean": self.mean.contiguous()}
+
+
+def _read_stats_file(path: Path) -> torch.Tensor:
+    """(1536,) or (2, 768) from a safetensors file ('std', 'mean') or a torch-saved tensor/dict."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, dict):
+            obj = torch.stack([obj["std"].reshape(-1), obj["mean"].reshape(-1)])
+    except Exception as e:  # wrong pickle, missing keys, unreadable file
+        raise ValueError(f"{path}: not a speaker-statistics file ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, torch.Tensor):
+        raise ValueError(f"{path}: expected a tensor, found {type(obj).__name__}")
+    return obj
 
 
 def random_speaker(seed: int, stats: SpeakerStats) -> torch.Tensor:

@@ -149,6 +149,7 @@ def test_decode_matches_upstream_on_many_ids(tok, up):
     for text in TEXTS:
         ids = tok.encode(text)
         assert tok.decode(ids) == up.decode([ids])[0]
+        assert tok.decode(torch.tensor(ids)) == tok.decode(ids)
 
 
 def test_errors(tok):

@@ -134,6 +134,14 @@ def test_speaker_stats_from_tensor_and_files(tmp_path, stats):
     assert torch.equal(SpeakerStats.load(tmp_path / "model" / "chattts").std, stats.std)
     with pytest.raises(FileNotFoundError):
         SpeakerStats.load(tmp_path / "nowhere")
+    torch.save({"std": stats.std, "mean": stats.mean}, tmp_path / "dict.pt")
+    assert torch.equal(SpeakerStats.load(tmp_path / "dict.pt").std, stats.std)
+    torch.save({"something": flat}, tmp_path / "wrong.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    torch.save(torch.full((1536,), float("nan")), tmp_path / "nan.pt")
+    for bad in ("wrong.pt", "list.pt", "nan.pt"):
+        with pytest.raises(ValueError):
+            SpeakerStats.load(tmp_path / bad)
 
 
 def test_resolve_voice(stats):
