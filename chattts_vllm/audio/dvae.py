@@ -131,7 +131,7 @@ class DVAE(Decoder):
 
     @torch.inference_mode()
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
-        """24 kHz mono waveform (N,) → (4, N // 512) int64 codes (≈ 46.875 frames/s)."""
+        """24 kHz mono waveform (N,) → (4, (1 + N // 256) // 2) int64 codes (≈ 46.875 frames/s)."""
         mel = self.preprocessor_mel(wav) / self.coef.float().view(-1, 1)     # (n_mels, T_mel)
         x = self.downsample_conv(mel.to(self.coef.dtype))                     # (dim, T_mel // 2)
         feats = self.encoder(x.transpose(0, 1).unsqueeze(0))                  # (1, T, 2·dim)

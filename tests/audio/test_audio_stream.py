@@ -1,0 +1,112 @@
+"""Incremental streaming: concatenated chunks == one-shot decode (max abs diff <= 1e-4, fp32), and the
+work per chunk is bounded by block + context whatever the utterance length."""
+from __future__ import annotations
+
+import pytest
+import torch
+from audio_upstream import one_thread, state_dicts
+
+from chattts_vllm.audio.checkpoint import (decoder_shapes, load_decoder, load_dvae, load_vocos,
+                                           random_state_dict, vocos_shapes)
+from chattts_vllm.audio.stream import StreamingDecoder
+
+
+def _blocks(total: int, sizes: list[int]):
+    i, k = 0, 0
+    while i < total:
+        n = sizes[k % len(sizes)]
+        yield i, min(total, i + n)
+        i, k = i + n, k + 1
+
+
+def _stream(mel_model, vocos, frames: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, StreamingDecoder]:
+    s = StreamingDecoder(mel_model, vocos)
+    parts = [s.push(frames[a:b]) for a, b in _blocks(frames.shape[0], sizes)]
+    parts.append(s.flush())
+    return torch.cat(parts), s
+
+
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+
+
+@pytest.fixture(scope="module")
+def full_models():
+    sd = state_dicts(0)
+    return (load_decoder(sd["Decoder.safetensors"]), load_dvae(sd["DVAE.safetensors"]),
+            load_vocos(sd["Vocos.safetensors"]))
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    """Narrow models with the real depth, hence the real receptive fields (75 and 27 mel frames)."""
+    dec = load_decoder(random_state_dict(decoder_shapes(idim=8, odim=16, hidden=16, bn_dim=8), 3))
+    voc = load_vocos(random_state_dict(vocos_shapes(dim=16, intermediate=32), 4))
+    return dec, voc
+
+
+@torch.inference_mode()
+def test_stream_hidden_states_equals_oneshot(full_models):
+    dec, _, voc = full_models
+    hidden = torch.randn(130, 768, generator=torch.Generator().manual_seed(0))
+    ref = voc(dec(hidden.T[None]))[0]
+    assert ref.shape[0] == 512 * 130 - 256
+    got, s = _stream(dec, voc, hidden, [24, 1, 7, 24, 40])
+    diff = (got - ref).abs().max().item()
+    print(f"stream vs one-shot (Decoder path) max abs diff {diff:.2e}, {len(s.chunks)} chunks")
+    assert got.shape == ref.shape and diff <= 1e-4
+
+
+@torch.inference_mode()
+def test_stream_codes_equals_oneshot(full_models):
+    _, dvae, voc = full_models
+    codes = torch.randint(0, 625, (90, 4), generator=torch.Generator().manual_seed(1))
+    ref = voc(dvae(codes.T[None]))[0]
+    got, _ = _stream(dvae, voc, codes, [24])
+    diff = (got - ref).abs().max().item()
+    print(f"stream vs one-shot (DVAE path) max abs diff {diff:.2e}")
+    assert got.shape == ref.shape and diff <= 1e-4
+
+
+@pytest.mark.parametrize("total", [1, 2, 3, 5, 40])
+@torch.inference_mode()
+def test_stream_short_and_ragged(tiny_models, total):
+    dec, voc = tiny_models
+    x = torch.randn(total, 16, generator=torch.Generator().manual_seed(total))
+    ref = voc(dec(x.T[None]))[0]
+    for sizes in ([1], [2, 3], [total]):
+        got, _ = _stream(dec, voc, x, sizes)
+        assert got.shape == ref.shape == (512 * total - 256,)
+        assert (got - ref).abs().max().item() <= 1e-4
+
+
+@torch.inference_mode()
+def test_stream_work_per_chunk_is_bounded(tiny_models):
+    dec, voc = tiny_models
+    total, block = 3000, 24                    # a 64 s utterance
+    x = torch.randn(total, 16, generator=torch.Generator().manual_seed(7))
+    got, s = _stream(dec, voc, x, [block])
+    ctx_d, ctx_v = dec.context, voc.context
+    assert (ctx_d, ctx_v) == (75, 27)
+    *pushes, last = s.chunks
+    dec_max = max(c.decoder_frames for c in pushes)
+    voc_max = max(c.vocoder_frames for c in pushes)
+    print(f"per push: decoder <= {dec_max} GPT frames, vocoder <= {voc_max} mel frames; "
+          f"flush: {last.decoder_frames}, {last.vocoder_frames}")
+    assert dec_max <= block + ctx_d + 1                 # block + mel context (in GPT frames)
+    assert voc_max <= 2 * block + 2 * ctx_v + 3         # block + both Vocos contexts + ISTFT tail
+    # The flush finishes the held-back right context: a constant, too.
+    assert last.decoder_frames <= ctx_d + 1 and last.vocoder_frames <= ctx_d + 2 * ctx_v + 3
+    assert sum(c.decoder_frames for c in s.chunks) <= total * (1 + (ctx_d + 1) / block)
+    assert sum(c.samples for c in s.chunks) == got.shape[0] == 512 * total - 256
+    # Buffers hold only context, not the prefix.
+    assert s._frames.data.shape[0] <= 2 * block + ctx_d and s._mel.data.shape[0] <= 4 * block + 2 * ctx_v
+    ref = voc(dec(x.T[None]))[0]
+    assert (got - ref).abs().max().item() <= 1e-4
+
+
+def test_push_after_flush_raises(tiny_models):
+    s = StreamingDecoder(*tiny_models)
+    s.push(torch.randn(3, 16))
+    s.flush()
+    with pytest.raises(RuntimeError):
+        s.push(torch.randn(1, 16))
