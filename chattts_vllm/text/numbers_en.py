@@ -242,8 +242,8 @@ _WEB_WORDS = {"@": " at ", ".": " dot ", "/": " slash ", "+": " plus ", "_": " u
 def _web(s: str) -> str:
     """Email and web addresses: "a.b@c.com" → "a dot b at c dot com"."""
     parts = _WEB_PARTS.findall(s)
-    return "".join(digits(p) if p.isdigit() else _WEB_WORDS.get(p, p if p.isalpha() else " ")
-                   for p in parts)
+    return " ".join(digits(p) if p.isdigit() else _WEB_WORDS.get(p, p if p.isalpha() else "")
+                    for p in parts)
 
 
 def _verbalize(m: re.Match) -> str:
