@@ -113,18 +113,23 @@ class Normalizer:
         Pieces with nothing sayable are dropped; `EmptyTextError` only if none is left. The cap
         applies after normalization, since "2026" becomes "twenty twenty six".
         """
-        out = []
+        out: list[str] = []
+        pending = ""                                 # tags of a piece with nothing to say
         for piece in split_like_upstream(text):
             try:
                 said = self(piece, lang=lang, do_text_normalization=do_text_normalization,
                             do_homophone_replacement=do_homophone_replacement)
             except EmptyTextError:
+                pending += "".join(TAG.findall(piece))
                 continue
-            for capped in cap_length(said, max_chars):
+            for capped in cap_length(pending + said, max_chars):
+                pending = ""
                 if out and not _sayable(capped):     # a lone tag or mark joins its neighbour
                     out[-1] += capped
                 else:
                     out.append(capped)
+        if out and pending:
+            out[-1] += pending
         if out and not _sayable(out[0]) and len(out) > 1:
             out[1] = out.pop(0) + out[1]
         if not out:

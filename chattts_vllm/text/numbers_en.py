@@ -144,8 +144,8 @@ _RULES = [
     ("day_month", rf"(?<![\d.,])(?P<dd>\d{{1,2}})(?:st|nd|rd|th)?\s+(?:of\s+)?(?P<dmon>{_MONTH_RE})\b\.?"
                   rf"(?:,?\s+(?P<dy>\d{{4}})\b)?"),
     ("time", r"(?<![\d:])(?P<h>[01]?\d|2[0-3]):(?P<mi>[0-5]\d)(?::(?P<sec>[0-5]\d))?"
-             r"(?:\s?(?P<ap>[AaPp])\.?[Mm]\b\.?)?(?![\d:])"),
-    ("clock", r"(?<![\w.:])(?P<ch>1[0-2]|0?[1-9])\s?(?P<cap>[AaPp])\.?[Mm]\b\.?"),
+             r"(?:\s?(?P<ap>[AaPp])\.?[Mm]\b)?(?![\d:])"),
+    ("clock", r"(?<![\w.:])(?P<ch>1[0-2]|0?[1-9])\s?(?P<cap>[AaPp])\.?[Mm]\b"),
     ("phone", r"(?<![\w+])(?P<tel>\+\d{1,3}(?:[\s.-]?\(?\d{2,5}\)?){2,}"
               r"|\(\d{3}\)\s?\d{3}[\s.-]\d{4}|\d{3}[.-]\d{3}[.-]\d{4}|\d{3}-\d{4})(?![\d-])"),
     ("web", r"(?P<addr>\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+|(?:https?://)?www\.[\w-]+(?:\.[\w-]+)+(?:/[\w./-]*)?)\b"),
@@ -169,6 +169,7 @@ _RULES = [
 ]
 _PATTERN = re.compile("|".join(f"(?P<{name}>{rx})" for name, rx in _RULES))
 _SPACES = re.compile(r"\s+")
+_ASCII_ALNUM = re.compile(r"[A-Za-z0-9]")
 
 
 # ---- verbalizers ------------------------------------------------------------------------------
@@ -327,9 +328,9 @@ def _pad(m: re.Match) -> str:
     """Verbalize, adding spaces where words would otherwise glue to letters ("H2O" → "H two O")."""
     out = _verbalize(m)
     s, a, b = m.string, m.start(), m.end()
-    if a > 0 and s[a - 1].isalnum() and out[:1].isalnum():
+    if a > 0 and _ASCII_ALNUM.match(s, a - 1) and out[:1].isalnum():
         out = " " + out
-    if b < len(s) and s[b].isalnum() and out[-1:].isalnum():
+    if b < len(s) and _ASCII_ALNUM.match(s, b) and out[-1:].isalnum():
         out += " "
     return out
 
