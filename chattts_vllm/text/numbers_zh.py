@@ -23,8 +23,10 @@ _CJK = re.compile(r"[\u4e00-\u9fff]")
 _DIGIT = re.compile(r"\d")
 # Runs of characters that are neither CJK ideographs, CJK/full-width punctuation nor newlines.
 _RUN = re.compile(r"[^\u4e00-\u9fff\u3000-\u303f\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65\n]+")
-_TOKEN = re.compile(r"\S*\d\S*")             # a digit-holding token of a long Latin run
-_LONG_RUN = 16
+_TOKEN = re.compile(r"\S*\d\S*")             # a digit-holding token of a long run
+_NUMBER = re.compile(r"\d+(?:[.,:/-]\d+)*%?")  # a number inside a long token
+_MAX_CORE = 24                                # longer runs are cut: the grammar is superlinear
+_MAX_WINDOW = 32
 _LEFT_CONTEXT = 3                             # "下午3点", "第3", "公元"
 _RIGHT_CONTEXT = 4                            # "3平方公里", "30摄氏度"
 
@@ -38,7 +40,8 @@ _CJK_DIGIT_SPACE = re.compile(r"(?<=[\u4e00-\u9fff])\s+(?=\d)|(?<=\d)\s+(?=[\u4e
 # "15～20℃": the grammar reads "15-20" as a range but leaves the tilde.
 _TILDE_RANGE = re.compile(r"(?<=\d)\s*[~～]\s*(?=\d)")
 # International or space-grouped phone numbers: the grammar would read "+86 138" as counts.
-_PHONE = re.compile(r"(?<![0-9A-Za-z+])(?:\+\d{1,3}(?:[ -]?\d{2,5}){2,}|\d{3,4}(?: \d{3,4}){2,})(?!\d)")
+# Separators are required: optional ones would let the regex backtrack exponentially.
+_PHONE = re.compile(r"(?<![0-9A-Za-z+])(?:\+\d{1,3}(?:[ -]\d{2,11})+|\d{3,4}(?: \d{3,4}){2,})(?!\d)")
 
 _ZH_DIGITS = "零一二三四五六七八九"
 _PHONE_DIGITS = str.maketrans({str(i): d for i, d in enumerate("零幺二三四五六七八九")})
@@ -98,8 +101,8 @@ def _fast(run: str, before: str, after: str) -> str | None:
     5 digits before punctuation (read as a code), service numbers (110, 120 ...), MM.DD dates
     (10.1 → 十月一日), > 9 digits, anything with a symbol or a letter.
     """
-    if _MOBILE.fullmatch(run):
-        return run.translate(_PHONE_DIGITS)
+    if _MOBILE.fullmatch(run) or len(run) > 12 and run.isdigit():
+        return run.translate(_PHONE_DIGITS)            # phones, ids: 幺三八..., as the grammar
     m = _CLOCK.fullmatch(run)
     if m:
         return _clock(m)
@@ -132,20 +135,28 @@ def _fast(run: str, before: str, after: str) -> str | None:
 
 
 def _cores(text: str):
-    """Digit-holding spans: whole runs, or the digit tokens of a long run of Latin text."""
+    """Digit-holding spans of at most `_MAX_CORE` characters: whole runs, else their tokens, else
+    the numbers in those tokens (longer numbers are left to the digit-by-digit fallback)."""
     for run in _RUN.finditer(text):
         if not _DIGIT.search(run.group()):
             continue
-        if len(run.group()) > _LONG_RUN and " " in run.group().strip():
-            yield from (t.span() for t in _TOKEN.finditer(text, *run.span()))
-        else:
+        if len(run.group().strip()) <= _MAX_CORE:
             yield run.span()
+            continue
+        for tok in _TOKEN.finditer(text, *run.span()):
+            if tok.end() - tok.start() <= _MAX_CORE:
+                yield tok.span()
+                continue
+            for num in _NUMBER.finditer(text, *tok.span()):
+                if num.end() - num.start() <= _MAX_CORE:
+                    yield num.span()
 
 
 def _spans(text: str) -> list[tuple[int, int, str | None]]:
     """Replacements: (start, end, words) read by `_fast`, (start, end, None) for the grammar.
 
-    A grammar window is a digit-holding span plus CJK context, merged with a window it touches.
+    A grammar window is a digit-holding span plus CJK context, merged with a window it touches
+    while the merged window stays within `_MAX_WINDOW` characters.
     """
     spans: list[tuple[int, int, str | None]] = []
     for a, b in _cores(text):
@@ -162,13 +173,20 @@ def _spans(text: str) -> list[tuple[int, int, str | None]]:
         for _ in range(_RIGHT_CONTEXT):
             if b < len(text) and _CJK.match(text, b):
                 b += 1
-        if spans and spans[-1][2] is None and a <= spans[-1][1]:
+        if spans and spans[-1][2] is None and a <= spans[-1][1] and b - spans[-1][0] <= _MAX_WINDOW:
             spans[-1] = (spans[-1][0], b, None)
         else:
-            spans.append((a, b, None))
+            spans.append((max(a, spans[-1][1]) if spans else a, b, None))
     return spans
 
 
+def load() -> None:
+    """Load the grammar and cn2an now rather than on the first Chinese number (~0.5 s)."""
+    _grammar()
+    _an2cn()
+
+
+@lru_cache(maxsize=4096)                          # "第1章", "2个": windows recur in real text
 def _verbalize(window: str) -> str:
     body = window.strip()
     try:

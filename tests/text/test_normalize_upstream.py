@@ -18,7 +18,7 @@ from chattts_vllm.text import sayable
 from chattts_vllm.text.normalize import EmptyTextError, Normalizer
 
 ChatTTS = pytest.importorskip("ChatTTS")
-pytestmark = pytest.mark.filterwarnings("ignore:Encountered the use of a type")  # upstream's numba
+pytestmark = pytest.mark.filterwarnings("ignore:(?s).*reflected list")  # upstream's numba
 UPSTREAM_MAP = Path(ChatTTS.__file__).parent / "res" / "homophones_map.json"
 
 HANDPICKED = [
