@@ -128,7 +128,7 @@ def _alt(d: dict) -> str:
 
 # ---- the pattern ------------------------------------------------------------------------------
 
-_NUM = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
+_NUM = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|(?<![\w.])\.\d+"
 _SIGN = r"(?<![\w.\-−])[-−]"                                      # "-5", not "COVID-19" or "5-3"
 _END = r"(?![\w])"
 
@@ -151,7 +151,7 @@ _RULES = [
     ("web", r"(?P<addr>\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+|(?:https?://)?www\.[\w-]+(?:\.[\w-]+)+(?:/[\w./-]*)?)\b"),
     ("version", r"(?<![\d.])(?P<ver>\d+(?:\.\d+){2,})(?![\d.])"),
     ("percent", rf"(?P<psign>{_SIGN})?(?P<pnum>{_NUM})\s?%"),
-    ("decade", r"(?<![\d'])(?P<dec>1\d\d0|20\d0)s\b|'(?P<dec2>\d0)s\b"),
+    ("decade", r"(?<![\d'])(?P<dec>1\d\d0|20\d0)s\b|(?:'|(?<![\w.]))(?P<dec2>[1-9]0)s\b"),
     ("ordinal", r"(?<![\d.])(?P<ord>\d{1,3}(?:,\d{3})+|\d+)(?:st|nd|rd|th)\b"),
     ("measure", rf"(?P<usign>{_SIGN})?(?P<unum>{_NUM})(?:\s?(?P<loose>{_alt(_LOOSE_UNITS)})"
                 rf"|(?P<tight>{_alt(_TIGHT_UNITS)}))(?![A-Za-z0-9])"),
@@ -162,7 +162,7 @@ _RULES = [
     ("times", r"(?<=\d)\s*[x×*]\s*(?=\d)"),
     ("number", rf"(?P<nsign>{_SIGN})?(?P<num>{_NUM})"),
     ("hyphen", r"(?<=[A-Za-z])-(?=[A-Za-z0-9])|(?<=\d)-(?=[A-Za-z])"),
-    ("hash", r"#(?=\s?\d)"),
+    ("hash", r"#(?=\s?\d)|\bNo\.(?=\s?\d)"),
     ("symbol", "[" + re.escape("".join(k for k in _SYMBOLS if k != "#")) + "]"),
     ("slash", r"(?<=[A-Za-z])/(?=[A-Za-z])"),
     ("question", r"[?？…]+"),

@@ -85,6 +85,33 @@ CASES = [
 ]
 
 
+# Harder English shapes, checked on their own (not part of the acceptance table above).
+EN_EXTRAS = [
+    ("No. 5 is here", "number five is here"),
+    ("in his 30s", "in his thirties"),
+    ("the '90s", "the nineties"),
+    ("$12.05", "twelve dollars and five cents"),
+    ("£0.50", "fifty pence"),
+    ("5 - 3", "five minus three"),
+    ("3-5 days", "three to five days"),
+    ("9/11 and 24/7", "nine eleven and twenty four seven"),
+    ("H2O", "H two O"),
+    ("007", "zero zero seven"),
+    ("13812345678", "one three eight one two three four five six seven eight"),
+    ("12:00:00", "twelve o clock"),
+    ("well-known", "well known"),
+    ("1,000", "one thousand"),
+    ("The 4th of July", "The fourth of July"),
+    ("US$5", "five US dollars"),
+]
+
+
+@pytest.mark.parametrize("text, expected", EN_EXTRAS, ids=[c[0] for c in EN_EXTRAS])
+def test_en_extras(text, expected):
+    from chattts_vllm.text.numbers_en import normalize_en
+    assert normalize_en(text) == expected
+
+
 @pytest.fixture(scope="module")
 def norm() -> Normalizer:
     return Normalizer()
