@@ -144,8 +144,9 @@ def _cores(text: str):
             yield run.span()
             continue
         for tok in _TOKEN.finditer(text, *run.span()):
-            if tok.end() - tok.start() <= _MAX_CORE:
-                yield tok.span()
+            a, b = tok.start(), len(tok.group().rstrip(".,;:!?")) + tok.start()
+            if b - a <= _MAX_CORE:
+                yield a, b                             # "2001." → "2001": plain, fast
                 continue
             for num in _NUMBER.finditer(text, *tok.span()):
                 if num.end() - num.start() <= _MAX_CORE:
