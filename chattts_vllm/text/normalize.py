@@ -20,8 +20,8 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from chattts_vllm.text.numbers_en import normalize_en
 from chattts_vllm.text import numbers_zh
+from chattts_vllm.text.numbers_en import normalize_en
 from chattts_vllm.text.numbers_zh import normalize_zh
 from chattts_vllm.text.sayable import HOMOPHONES_PATH, SPEAKABLE, TAG, ZH_FULLWIDTH, CharFilter
 from chattts_vllm.text.split import DEFAULT_MAX_CHARS, cap_length, split_like_upstream, split_sentences

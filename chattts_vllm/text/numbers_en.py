@@ -4,13 +4,16 @@ Semiotic classes (money, dates, times, percentages, measures, ordinals, years, d
 phone numbers, ranges, versions, math symbols) are alternatives of one compiled pattern, tried
 leftmost-first; `num2words` spells the numbers. wetext's English WFST was tried first: it reads
 "1,000" as "thousand" and "$3.50" as "three point five dollars" and crashes on "#1", so English is
-rule-based here (one regex pass, ~2 µs per character).
+rule-based here (one regex pass, a few µs per character). Tables live in units_en.py.
 """
 from __future__ import annotations
 
 import re
 
 from num2words import num2words
+
+from chattts_vllm.text.units_en import (CURRENCIES, FRACTION_DENOMINATORS, LOOSE_UNITS, MONTH_RE,
+                                        MONTHS, SCALES, SYMBOLS, TIGHT_UNITS)
 
 # ---- number words -----------------------------------------------------------------------------
 
@@ -60,68 +63,6 @@ def signed(sign: str | None, s: str) -> str:
     return ("minus " if sign else "") + number(s)
 
 
-# ---- tables -----------------------------------------------------------------------------------
-
-# symbol or code → (singular, plural, minor singular, minor plural); no minor unit → decimal reading
-_CURRENCIES = {
-    "$": ("dollar", "dollars", "cent", "cents"),
-    "US$": ("US dollar", "US dollars", "cent", "cents"),
-    "€": ("euro", "euros", "cent", "cents"),
-    "£": ("pound", "pounds", "penny", "pence"),
-    "¥": ("yuan", "yuan", None, None),
-    "₹": ("rupee", "rupees", "paisa", "paise"),
-    "₩": ("won", "won", None, None),
-    "USD": ("US dollar", "US dollars", "cent", "cents"),
-    "EUR": ("euro", "euros", "cent", "cents"),
-    "GBP": ("pound", "pounds", "penny", "pence"),
-    "CNY": ("yuan", "yuan", None, None),
-    "RMB": ("yuan", "yuan", None, None),
-    "JPY": ("yen", "yen", None, None),
-}
-_SCALES = {"k": "thousand", "K": "thousand", "m": "million", "M": "million", "b": "billion",
-           "B": "billion", "bn": "billion", "Bn": "billion", "BN": "billion"}
-
-# abbreviation → (singular, plural). "Loose" units may follow a space; "tight" ones ("5m", "3h")
-# are common words or letters too, so they count only when glued to the number.
-_LOOSE_UNITS = {
-    "°C": ("degree Celsius", "degrees Celsius"), "℃": ("degree Celsius", "degrees Celsius"),
-    "°F": ("degree Fahrenheit", "degrees Fahrenheit"),
-    "℉": ("degree Fahrenheit", "degrees Fahrenheit"), "°": ("degree", "degrees"),
-    "km/h": ("kilometer per hour", "kilometers per hour"),
-    "kph": ("kilometer per hour", "kilometers per hour"),
-    "mph": ("mile per hour", "miles per hour"), "m/s": ("meter per second", "meters per second"),
-    "km": ("kilometer", "kilometers"), "cm": ("centimeter", "centimeters"),
-    "mm": ("millimeter", "millimeters"), "mi": ("mile", "miles"), "ft": ("foot", "feet"),
-    "kg": ("kilogram", "kilograms"), "mg": ("milligram", "milligrams"),
-    "lb": ("pound", "pounds"), "lbs": ("pound", "pounds"), "oz": ("ounce", "ounces"),
-    "ml": ("milliliter", "milliliters"), "mL": ("milliliter", "milliliters"),
-    "KB": ("kilobyte", "kilobytes"), "MB": ("megabyte", "megabytes"),
-    "GB": ("gigabyte", "gigabytes"), "TB": ("terabyte", "terabytes"),
-    "Hz": ("hertz", "hertz"), "kHz": ("kilohertz", "kilohertz"),
-    "MHz": ("megahertz", "megahertz"), "GHz": ("gigahertz", "gigahertz"),
-    "kW": ("kilowatt", "kilowatts"), "kWh": ("kilowatt hour", "kilowatt hours"),
-    "mAh": ("milliamp hour", "milliamp hours"), "ms": ("millisecond", "milliseconds"),
-    "sec": ("second", "seconds"), "min": ("minute", "minutes"), "hr": ("hour", "hours"),
-    "hrs": ("hour", "hours"),
-}
-_TIGHT_UNITS = {
-    "m": ("meter", "meters"), "g": ("gram", "grams"), "l": ("liter", "liters"),
-    "L": ("liter", "liters"), "s": ("second", "seconds"), "h": ("hour", "hours"),
-    "in": ("inch", "inches"), "W": ("watt", "watts"), "V": ("volt", "volts"),
-    "x": ("times", "times"),
-}
-
-_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
-           "October", "November", "December"]
-_MONTH_RE = (r"Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?"
-             r"|Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?")
-
-_SYMBOLS = {"&": "and", "+": "plus", "=": "equals", "@": "at", "%": "percent", "×": "times",
-            "÷": "divided by", "°": "degrees", "#": "number", "~": "about", "≈": "about"}
-
-_FRACTION_DENOMINATORS = {2: ("half", "halves"), 4: ("quarter", "quarters")}
-
-
 def _alt(d: dict) -> str:
     return "|".join(re.escape(k) for k in sorted(d, key=len, reverse=True))
 
@@ -130,7 +71,6 @@ def _alt(d: dict) -> str:
 
 _NUM = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|(?<![\w.])\.\d+"
 _SIGN = r"(?<![\w.\-−])[-−]"                                      # "-5", not "COVID-19" or "5-3"
-_END = r"(?![\w])"
 
 _RULES = [
     ("money", rf"(?P<msign>{_SIGN})?(?P<cur>US\$|[$€£¥₹₩])\s?(?P<amt>{_NUM})"
@@ -139,9 +79,9 @@ _RULES = [
     ("code_money", rf"\b(?P<code2>USD|EUR|GBP|CNY|RMB|JPY)\s?(?P<camt2>{_NUM})"),
     ("iso_date", r"(?<![\d.])(?P<y>\d{4})(?P<sep>[-/.])(?P<mo>0?[1-9]|1[0-2])(?P=sep)(?P<d>0?[1-9]|[12]\d|3[01])(?![\d.])"),
     ("num_date", r"(?<![\d/.])(?P<a>\d{1,2})(?P<sep2>[/.])(?P<b>\d{1,2})(?P=sep2)(?P<c>\d{4})(?![\d/.])"),
-    ("month_day", rf"\b(?P<mon>{_MONTH_RE})\.?\s+(?P<md>\d{{1,2}})(?:st|nd|rd|th)?(?!\d)(?!:)\b"
+    ("month_day", rf"\b(?P<mon>{MONTH_RE})\.?\s+(?P<md>\d{{1,2}})(?:st|nd|rd|th)?(?!\d)(?!:)\b"
                   rf"(?:,?\s+(?P<my>\d{{4}})\b)?"),
-    ("day_month", rf"(?<![\d.,])(?P<dd>\d{{1,2}})(?:st|nd|rd|th)?\s+(?:of\s+)?(?P<dmon>{_MONTH_RE})\b\.?"
+    ("day_month", rf"(?<![\d.,])(?P<dd>\d{{1,2}})(?:st|nd|rd|th)?\s+(?:of\s+)?(?P<dmon>{MONTH_RE})\b\.?"
                   rf"(?:,?\s+(?P<dy>\d{{4}})\b)?"),
     ("time", r"(?<![\d:])(?P<h>[01]?\d|2[0-3]):(?P<mi>[0-5]\d)(?::(?P<sec>[0-5]\d))?"
              r"(?:\s?(?P<ap>[AaPp])\.?[Mm]\b)?(?![\d:])"),
@@ -153,8 +93,8 @@ _RULES = [
     ("percent", rf"(?P<psign>{_SIGN})?(?P<pnum>{_NUM})\s?%"),
     ("decade", r"(?<![\d'])(?P<dec>1\d\d0|20\d0)s\b|(?:'|(?<![\w.]))(?P<dec2>[1-9]0)s\b"),
     ("ordinal", r"(?<![\d.])(?P<ord>\d{1,3}(?:,\d{3})+|\d+)(?:st|nd|rd|th)\b"),
-    ("measure", rf"(?P<usign>{_SIGN})?(?P<unum>{_NUM})(?:\s?(?P<loose>{_alt(_LOOSE_UNITS)})"
-                rf"|(?P<tight>{_alt(_TIGHT_UNITS)}))(?![A-Za-z0-9])"),
+    ("measure", rf"(?P<usign>{_SIGN})?(?P<unum>{_NUM})(?:\s?(?P<loose>{_alt(LOOSE_UNITS)})"
+                rf"|(?P<tight>{_alt(TIGHT_UNITS)}))(?![A-Za-z0-9])"),
     ("mixed_fraction", r"(?<![\d/.])(?P<whole>\d+)\s(?P<fn>\d+)/(?P<fd>\d+)(?![\d/])"),
     ("fraction", r"(?<![\d/.])(?P<n>\d+)/(?P<den>\d+)(?![\d/])"),
     ("range", r"(?<![\d.,\-])(?P<r1>\d{1,4}(?:\.\d+)?)(?:-|\s?[–~～]\s?)(?P<r2>\d{1,4}(?:\.\d+)?)(?![\d.,]|-\d)"),
@@ -163,7 +103,7 @@ _RULES = [
     ("number", rf"(?P<nsign>{_SIGN})?(?P<num>{_NUM})"),
     ("hyphen", r"(?<=[A-Za-z])-(?=[A-Za-z0-9])|(?<=\d)-(?=[A-Za-z])"),
     ("hash", r"#(?=\s?\d)|\bNo\.(?=\s?\d)"),
-    ("symbol", "[" + re.escape("".join(k for k in _SYMBOLS if k != "#")) + "]"),
+    ("symbol", "[" + re.escape("".join(k for k in SYMBOLS if k != "#")) + "]"),
     ("slash", r"(?<=[A-Za-z])/(?=[A-Za-z])"),
     ("question", r"[?？…]+"),
 ]
@@ -179,7 +119,7 @@ def _plural(n: str, forms: tuple[str, str]) -> str:
 
 
 def _money(sign: str | None, cur: str, amt: str, scale: str | None) -> str:
-    one, many, minor_one, minor_many = _CURRENCIES[cur]
+    one, many, minor_one, minor_many = CURRENCIES[cur]
     sign_w = "minus " if sign else ""
     if scale:                                   # "$1.5 billion" → "one point five billion dollars"
         return f"{sign_w}{number(amt)} {scale} {many}"
@@ -197,14 +137,14 @@ def _money(sign: str | None, cur: str, amt: str, scale: str | None) -> str:
 
 def _date(y: str | None, mo: int, d: int, day_first: bool = False) -> str:
     if day_first:
-        out = f"the {ordinal(d)} of {_MONTHS[mo - 1]}"
+        out = f"the {ordinal(d)} of {MONTHS[mo - 1]}"
         return out + (f" {year(int(y))}" if y else "")
-    out = f"{_MONTHS[mo - 1]} {ordinal(d)}"
+    out = f"{MONTHS[mo - 1]} {ordinal(d)}"
     return out + (f", {year(int(y))}" if y else "")
 
 
 def _month(name: str) -> int:
-    return next(i for i, m in enumerate(_MONTHS, 1) if m.startswith(name[:3]))
+    return next(i for i, m in enumerate(MONTHS, 1) if m.startswith(name[:3]))
 
 
 def _time(h: str, mi: str, sec: str | None, ap: str | None) -> str:
@@ -226,7 +166,7 @@ def _fraction(n: str, den: str) -> str:
     ni, di = int(n), int(den)
     if not (2 <= di <= 10 and 0 < ni < 20):      # "24/7", "9/11", "50/50": read both numbers
         return f"{number(n)} {number(den)}"
-    one, many = _FRACTION_DENOMINATORS.get(di, (ordinal(di), ordinal(di) + "s"))
+    one, many = FRACTION_DENOMINATORS.get(di, (ordinal(di), ordinal(di) + "s"))
     return f"{cardinal(ni)} {one if ni == 1 else many}"
 
 
@@ -251,7 +191,7 @@ def _verbalize(m: re.Match) -> str:
     g = m.group
     kind = m.lastgroup
     if kind == "money":
-        scale = g("mword") or (_SCALES[g("mscale")] if g("mscale") else None)
+        scale = g("mword") or (SCALES[g("mscale")] if g("mscale") else None)
         return _money(g("msign"), g("cur"), g("amt"), scale)
     if kind == "money_code":
         return _money(None, g("code"), g("camt"), None)
@@ -268,12 +208,12 @@ def _verbalize(m: re.Match) -> str:
         return f"{number(g('a'))} {number(g('b'))} {number(g('c'))}"
     if kind == "month_day":
         if int(g("md")) > 31 or int(g("md")) == 0:
-            return f"{_MONTHS[_month(g('mon')) - 1]} {number(g('md'))}" + (
+            return f"{MONTHS[_month(g('mon')) - 1]} {number(g('md'))}" + (
                 f" {number(g('my'))}" if g("my") else "")
         return _date(g("my"), _month(g("mon")), int(g("md")))
     if kind == "day_month":
         if int(g("dd")) > 31 or int(g("dd")) == 0:
-            return f"{number(g('dd'))} {_MONTHS[_month(g('dmon')) - 1]}" + (
+            return f"{number(g('dd'))} {MONTHS[_month(g('dmon')) - 1]}" + (
                 f" {number(g('dy'))}" if g("dy") else "")
         words = _date(g("dy"), _month(g("dmon")), int(g("dd")), day_first=True)
         return words[4:] if m.string[:m.start()].lower().endswith("the ") else words
@@ -300,7 +240,7 @@ def _verbalize(m: re.Match) -> str:
         return ordinal(int(g("ord").replace(",", "")))
     if kind == "measure":
         num = g("unum")
-        forms = _LOOSE_UNITS[g("loose")] if g("loose") else _TIGHT_UNITS[g("tight")]
+        forms = LOOSE_UNITS[g("loose")] if g("loose") else TIGHT_UNITS[g("tight")]
         unit = forms[1] if "." in num else _plural(num, forms)
         return f"{signed(g('usign'), num)} {unit}"
     if kind == "mixed_fraction":
@@ -320,7 +260,7 @@ def _verbalize(m: re.Match) -> str:
     if kind == "hash":
         return "number "
     if kind == "symbol":
-        return f" {_SYMBOLS[m.group()]} "
+        return f" {SYMBOLS[m.group()]} "
     return "."                                          # question: "?" would be deleted, "." pauses
 
 
