@@ -124,6 +124,7 @@ def _money(sign: str | None, cur: str, amt: str, scale: str | None) -> str:
     if scale:                                   # "$1.5 billion" → "one point five billion dollars"
         return f"{sign_w}{number(amt)} {scale} {many}"
     whole, _, frac = amt.replace(",", "").partition(".")
+    whole = whole or "0"                        # "$.50"
     if frac and (minor_one is None or len(frac) > 2):
         return f"{sign_w}{number(amt)} {many}"
     cents = int(frac.ljust(2, "0")) if frac else 0

@@ -103,6 +103,7 @@ EN_EXTRAS = [
     ("1,000", "one thousand"),
     ("The 4th of July", "The fourth of July"),
     ("US$5", "five US dollars"),
+    ("$.50", "fifty cents"),
 ]
 
 
@@ -205,3 +206,21 @@ def test_homophone_switch(norm):
     ch = next(chr(k) for k in table if chr(k) not in "的一是")
     assert norm(f"我{ch}", do_homophone_replacement=True) == f"我{table[ord(ch)]}"
     assert norm(f"我{ch}", do_homophone_replacement=False) == f"我{ch}"
+
+
+def test_fuzz_no_digit_no_crash(norm):
+    """Random soup of digits, symbols, CJK, Latin and tags: never a crash, never a digit out."""
+    import random
+    rng = random.Random(5)
+    alphabet = (list("你好世界价格元年月日个第点分") + list("abcXYZ  ") + list("0123456789" * 4) +
+                list("，。、,. ：；！（）-:;!()$€£¥%&+=@#/~°×.,:-？?℃kgmsh'\"\n"))
+    tags = ["[uv_break]", "[laugh]", "[speed_5]"]
+    for _ in range(200):
+        text = "".join(rng.choice(tags) if rng.random() < 0.02 else rng.choice(alphabet)
+                       for _ in range(rng.randint(1, 60)))
+        for lang in (None, "zh", "en"):
+            try:
+                out = norm(text, lang=lang)
+            except EmptyTextError:
+                continue
+            assert not re.search(r"[0-9]", TAG.sub("", out)), (text, lang, out)
