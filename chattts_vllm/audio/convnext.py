@@ -60,9 +60,29 @@ def set_backend(module: nn.Module, backend: str) -> nn.Module:
     return module
 
 
-def conv1d_cl(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-    """A Conv1d applied to channels-last (B, T, C) input, returning (B, T', C')."""
-    return conv(x.transpose(1, 2)).transpose(1, 2)
+def conv1d_cl(x: torch.Tensor, conv: nn.Conv1d, gelu: bool = False, scale: torch.Tensor | None = None,
+              backend: str = "native") -> torch.Tensor:
+    """Conv1d on channels-last (B, T, C) → (B, T', C'), then optional GELU and per-channel scale.
+
+    The Triton path (an implicit GEMM, chattts_vllm.kernels.convnext.conv_gemm) covers stride-1
+    'same'-padded convs, which are all the inference convs.
+    """
+    if use_triton(backend, x):
+        k, d = conv.kernel_size[0], conv.dilation[0]
+        assert conv.stride[0] == 1 and conv.padding[0] == d * (k // 2) and conv.groups == 1
+        return triton_kernels("convnext").conv_gemm(x, conv.weight, conv.bias, dilation=d, gelu=gelu,
+                                                    scale=scale)
+    y = conv(x.transpose(1, 2)).transpose(1, 2)
+    if gelu:
+        y = F.gelu(y)
+    return y if scale is None else y * scale
+
+
+def layer_norm_cl(x: torch.Tensor, norm: nn.LayerNorm, backend: str = "native") -> torch.Tensor:
+    """LayerNorm over channels of (B, T, C); the Triton path is the ConvNeXt LN kernel without conv."""
+    if use_triton(backend, x):
+        return triton_kernels("convnext").dwconv_ln(x, None, None, norm.weight, norm.bias, norm.eps)
+    return norm(x)
 
 
 class ConvNeXtBlock(nn.Module):
@@ -127,6 +147,7 @@ class ConvNeXtStack(nn.Module):
             ConvNeXtBlock(hidden, 4 * hidden, kernel_size, dilation, scale_key="weight")
             for _ in range(n_layer))
         self.conv_out = nn.Conv1d(hidden, odim, 1, bias=False)
+        self.backend = "auto"
 
     @classmethod
     def shapes_from(cls, sd: dict[str, torch.Tensor], prefix: str) -> dict[str, int]:
@@ -142,7 +163,8 @@ class ConvNeXtStack(nn.Module):
         return 2 + sum(b.context for b in self.decoder_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = conv1d_cl(x, self.conv_in)
+        y = conv1d_cl(x, self.conv_in[0], gelu=True, backend=self.backend)
+        y = conv1d_cl(y, self.conv_in[2], backend=self.backend)
         for block in self.decoder_block:
             y = block(y)
-        return F.linear(y, self.conv_out.weight.squeeze(-1))    # a 1×1 conv on channels-last
+        return conv1d_cl(y, self.conv_out, backend=self.backend)

@@ -22,6 +22,7 @@ class Decoder(nn.Module):
         self.register_buffer("coef", torch.ones(1, n_mels, 1))
         self.decoder = ConvNeXtStack(idim, odim, hidden, n_layer, bn_dim)
         self.out_conv = nn.Conv1d(odim, n_mels, 3, 1, 1, bias=False)
+        self.backend = "auto"
 
     @classmethod
     def from_state_dict_shapes(cls, sd: dict[str, torch.Tensor]) -> "Decoder":
@@ -41,7 +42,7 @@ class Decoder(nn.Module):
         """(B, T, 2·idim) → (B, 2T, n_mels), channels-last."""
         b, t, c = x.shape
         y = self.decoder(x.reshape(b, 2 * t, c // 2))      # ×2 reshape: a view in this layout
-        return conv1d_cl(y, self.out_conv) * self.coef.view(1, 1, -1)
+        return conv1d_cl(y, self.out_conv, scale=self.coef.view(-1), backend=self.backend)
 
     def decode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """One row per GPT step: (B, T, 768) hidden states → (B, 2T, n_mels) log-mel."""

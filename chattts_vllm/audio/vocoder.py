@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chattts_vllm.audio.convnext import ConvNeXtBlock, conv1d_cl
+from chattts_vllm.audio.convnext import (ConvNeXtBlock, conv1d_cl, layer_norm_cl, triton_kernels,
+                                          use_triton)
 from chattts_vllm.audio.dvae import LogMelSpectrogram
 
 
@@ -63,10 +64,15 @@ class ISTFTHead(nn.Module):
         super().__init__()
         self.out = nn.Linear(dim, n_fft + 2)
         self.istft = ISTFT(n_fft, hop_length)
+        self.backend = "auto"
 
     def spectrum(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, dim) → (B, T, n_fft//2+1) complex64; the magnitude is capped at 100 like vocos."""
-        mag, phase = self.out(x).float().chunk(2, dim=-1)
+        if use_triton(self.backend, x):       # GEMM straight to fp32: exp() of a bf16 log-magnitude is coarse
+            y = triton_kernels("convnext").conv_gemm(x, self.out.weight, self.out.bias, out_dtype=torch.float32)
+        else:
+            y = self.out(x).float()
+        mag, phase = y.chunk(2, dim=-1)
         mag = torch.clip(torch.exp(mag), max=1e2)
         return torch.complex(mag * torch.cos(phase), mag * torch.sin(phase))
 
@@ -85,16 +91,17 @@ class VocosBackbone(nn.Module):
         self.convnext = nn.ModuleList(ConvNeXtBlock(dim, intermediate_dim, 7, 1, scale_key="gamma")
                                       for _ in range(num_layers))
         self.final_layer_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.backend = "auto"
 
     @property
     def context(self) -> int:
         return self.embed.kernel_size[0] // 2 + sum(b.context for b in self.convnext)
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        x = self.norm(conv1d_cl(mel, self.embed))
+        x = layer_norm_cl(conv1d_cl(mel, self.embed, backend=self.backend), self.norm, self.backend)
         for block in self.convnext:
             x = block(x)
-        return self.final_layer_norm(x)
+        return layer_norm_cl(x, self.final_layer_norm, self.backend)
 
 
 class Vocos(nn.Module):

@@ -1,0 +1,7 @@
+"""Triton kernels of chattts-vllm, shipped as `chattts_vllm.kernels` (see pyproject package-dir).
+
+Each kernel's PyTorch twin is the `forward_native` of the module that calls it:
+  convnext.py  fused ConvNeXt block pieces and a channels-last conv/linear GEMM (audio/convnext.py)
+  gfsq.py      GFSQ codes → features (audio/gfsq.py)
+Importing this package does not import triton; the submodules do.
+"""
