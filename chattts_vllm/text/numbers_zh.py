@@ -95,11 +95,10 @@ def _fast(run: str, before: str, after: str) -> str | None:
 
     Covers integers, decimals, percentages and digit-grouped numbers between CJK characters or
     punctuation (tests/text check these shapes against the grammar on random numbers and
-    contexts), and clock times, where the grammar has quirks ("0:30" → 零比三十). Left to the
-    grammar: 2 before a CJK character (两 or 二 depends on the measure word; after 第 it is always
-    二, where the grammar says 第两季度), N年 unless 4 digits,
-    5 digits before punctuation (read as a code), service numbers (110, 120 ...), MM.DD dates
-    (10.1 → 十月一日), > 9 digits, anything with a symbol or a letter.
+    contexts), and clock times and 第N, where the grammar has quirks ("0:30" → 零比三十, 第两季度).
+    Left to the grammar: 2 before a CJK character (两 or 二 depends on the measure word), N年
+    unless 4 digits, 5 digits before punctuation (read as a code), service numbers (110, 120 ...),
+    MM.DD dates (10.1 → 十月一日), > 9 digits, anything with a symbol or a letter.
     """
     if _MOBILE.fullmatch(run) or len(run) > 12 and run.isdigit():
         return run.translate(_PHONE_DIGITS)            # phones, ids: 幺三八..., as the grammar
