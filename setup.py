@@ -29,7 +29,9 @@ def cuda_extensions():
     ext = CUDAExtension(
         name="chattts_vllm._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        # No --use_fast_math: csrc/sample_codebooks.cu must round expf/logf/powf and divisions as
+        # torch's own kernels do (bit-exact twin of gpt/sampling.py); fast math changes all four.
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chattts_vllm.config import MIN_TOKENS_TO_KEEP
+from chattts_vllm.config import MIN_TOKENS_TO_KEEP, REPETITION_WINDOW
 
 _M32 = 0xFFFFFFFF
 
@@ -118,3 +118,55 @@ def draw(processed: torch.Tensor, p: RowParams) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, history: torch.Tensor, p: RowParams, eos_id: int) -> torch.Tensor:
     return draw(process_logits(logits, history, p, eos_id), p)
+
+
+# -- the fused kernel's layout (chattts_vllm.ops.sample_codebooks falls back to these) ------------
+
+def frame_params(temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+                 penalty: torch.Tensor, mask_eos: torch.Tensor, seed: torch.Tensor,
+                 counter: torch.Tensor) -> RowParams:
+    """Per-request code-pass parameters (temperature [B, 4], the rest [B]) as RowParams over the
+    B*4 rows, batch-major then codebook; the stream of row (b, k) is k."""
+    b, nq = temperature.shape
+
+    def rep(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return t.to(dtype).repeat_interleave(nq)
+
+    return RowParams(
+        temperature=temperature.to(torch.float32).reshape(-1),
+        top_p=rep(top_p, torch.float32),
+        top_k=rep(top_k, torch.int64),
+        repetition_penalty=rep(penalty, torch.float32),
+        mask_eos=rep(mask_eos, torch.bool),
+        seed=rep(seed, torch.int64),
+        counter=rep(counter, torch.int64),
+        stream=torch.arange(nq, dtype=torch.int64, device=temperature.device).repeat(b),
+    )
+
+
+def sample_frames(logits: torch.Tensor, history: torch.Tensor, temperature: torch.Tensor,
+                  top_p: torch.Tensor, top_k: torch.Tensor, penalty: torch.Tensor,
+                  mask_eos: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor, eos_id: int,
+                  processed: torch.Tensor | None = None) -> torch.Tensor:
+    """`sample` on logits [B, 4, V] and history [B, 4, W]; codes [B, 4]. Fills `processed`
+    [B, 4, V] with the processed logits if given."""
+    b, nq, vocab = logits.shape
+    p = frame_params(temperature, top_p, top_k, penalty, mask_eos, seed, counter)
+    x = process_logits(logits.reshape(b * nq, vocab), history.reshape(b * nq, -1).long(), p, eos_id)
+    if processed is not None:
+        processed.copy_(x.view(b, nq, vocab))
+    return draw(x, p).view(b, nq)
+
+
+def codebook_windows(codes: torch.Tensor, slot: torch.Tensor, first_frame: torch.Tensor,
+                     num_frames: torch.Tensor, window: int = REPETITION_WINDOW) -> torch.Tensor:
+    """Penalty windows [B, 4, window] read from a per-slot code buffer `codes` [S, T, 4]: request b's
+    generated frame i sits at codes[slot[b], first_frame[b] + i]; its window is the last
+    min(num_frames[b], window) of them, -1 padded on the left."""
+    i = torch.arange(window, device=codes.device)
+    j = num_frames.to(torch.int64).unsqueeze(1)
+    pos = first_frame.to(torch.int64).unsqueeze(1) + j - window + i          # [B, W]
+    valid = i >= window - j.clamp(min=0, max=window)
+    ids = codes[slot.to(torch.int64).unsqueeze(1), pos.clamp(0, codes.shape[1] - 1)]  # [B, W, 4]
+    ids = torch.where(valid.unsqueeze(-1), ids.to(torch.int64), -1)
+    return ids.transpose(1, 2)
