@@ -261,7 +261,8 @@ _W_CACHE: dict[tuple, torch.Tensor] = {}
 
 def _cached(w: torch.Tensor, tag: str, make) -> torch.Tensor:
     """A re-laid-out copy of a weight, rebuilt only when the weight changes."""
-    key = (tag, w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device)
+    version = 0 if w.is_inference() else w._version          # inference tensors have no counter
+    key = (tag, w.data_ptr(), version, tuple(w.shape), w.dtype, w.device)
     out = _W_CACHE.get(key)
     if out is None:
         if len(_W_CACHE) > 512:
