@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 
 import torch
 import triton
@@ -256,18 +257,24 @@ _conv_gemm_tuned = triton.autotune(_configs(_PTR_SHAPES), key=["N", "CIN", "TAPS
 _FP32_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
 _INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}   # ragged tiles
 
-_W_CACHE: dict[tuple, torch.Tensor] = {}
+_W_CACHE: dict[tuple, tuple] = {}
 
 
 def _cached(w: torch.Tensor, tag: str, make) -> torch.Tensor:
-    """A re-laid-out copy of a weight, rebuilt only when the weight changes."""
+    """A re-laid-out copy of a weight, rebuilt only when the weight changes.
+
+    Keyed by address, but an entry is valid only while it still points at the *same* live tensor
+    (weakref) at the same version: a freed weight's address is soon reused by another tensor.
+    """
     version = 0 if w.is_inference() else w._version          # inference tensors have no counter
-    key = (tag, w.data_ptr(), version, tuple(w.shape), w.dtype, w.device)
-    out = _W_CACHE.get(key)
-    if out is None:
-        if len(_W_CACHE) > 512:
-            _W_CACHE.clear()
-        out = _W_CACHE[key] = make(w)
+    key = (tag, w.data_ptr(), tuple(w.shape), w.dtype, w.device)
+    hit = _W_CACHE.get(key)
+    if hit is not None and hit[0]() is w and hit[1] == version:
+        return hit[2]
+    if len(_W_CACHE) > 512:
+        _W_CACHE.clear()
+    out = make(w)
+    _W_CACHE[key] = (weakref.ref(w), version, out)
     return out
 
 

@@ -178,6 +178,11 @@ def interpreter_cases() -> dict[str, float]:
         res[f"block_weight_dil2_{mlp}"] = block_case(2, 41, 64, 136, 2, "weight", mlp, cpu, f32)
         res[f"block_gamma_dil1_{mlp}"] = block_case(1, 33, 48, 80, 1, "gamma", mlp, cpu, f32)
     res.update({f"model_{k}": v for k, v in model_case(2, 21, False, cpu, f32).items()})
+    # 1-2 frame utterances (boxes larger than the tensor), on freshly built modules each time: this
+    # also guards the re-laid-weight cache against a freed weight's address being reused.
+    for t in (1, 2):
+        for mlp in ("split", "fused"):
+            res[f"model_tiny_t{t}_{mlp}"] = max(model_case(1, t, False, cpu, f32, mlp=mlp).values())
     return res
 
 
