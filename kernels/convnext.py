@@ -252,7 +252,8 @@ _linear_tma_tuned = triton.autotune(_configs(_TMA_SHAPES, _set_linear_boxes),
                                     key=["N", "K", "GELU", "HAS_RES"])(_linear_tma_kernel)
 _conv_tma_tuned = triton.autotune(_configs(_TMA_SHAPES, _set_conv_boxes, group=False),
                                   key=["N", "CIN", "TAPS"])(_conv_tma_kernel)
-_conv_gemm_tuned = triton.autotune(_configs(_PTR_SHAPES), key=["N", "CIN", "TAPS", "HAS_RES"])(_conv_gemm_kernel)
+_conv_gemm_tuned = triton.autotune(_configs(_PTR_SHAPES),
+                                   key=["N", "CIN", "TAPS", "HAS_RES"])(_conv_gemm_kernel)
 # fp32 (IEEE dots run on CUDA cores, not tensor cores): small tiles, or the big ones spill badly.
 _FP32_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
 _INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}   # ragged tiles
@@ -451,7 +452,8 @@ def _mlp_kernel(
         h = tl.zeros((BLOCK_M, BLOCK_I), tl.float32)
         for k0 in range(0, C, BLOCK_K):
             kk = k0 + rk
-            a = tl.load(y_ptr + rm[:, None] * C + kk[None, :], mask=mmask[:, None] & (kk < C)[None, :], other=0.0)
+            a = tl.load(y_ptr + rm[:, None] * C + kk[None, :], mask=mmask[:, None] & (kk < C)[None, :],
+                        other=0.0)
             w1 = tl.load(w1_ptr + ii[None, :].to(tl.int64) * C + kk[:, None],
                          mask=(kk < C)[:, None] & imask[None, :], other=0.0)
             h = tl.dot(a, w1, h, input_precision=PRECISION)
@@ -516,7 +518,8 @@ def fused_mlp(y: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Ten
             _mlp_tma_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](*args, PRECISION=prec, HALF_C=half,
                                                               **cfg, num_warps=warps, num_stages=stages)
         else:
-            _mlp_tma_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](*args, PRECISION=prec, HALF_C=half)
+            _mlp_tma_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](*args, PRECISION=prec,
+                                                                            HALF_C=half)
     else:
         args = (y2, w1, b1, w2, b2, scale, x2, out, m, c, i)
         block_c = max(16, triton.next_power_of_2(c))
@@ -526,7 +529,8 @@ def fused_mlp(y: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Ten
             _mlp_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](*args, PRECISION=prec, BLOCK_C=block_c,
                                                           **cfg, num_warps=warps, num_stages=stages)
         else:
-            _mlp_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](*args, PRECISION=prec, BLOCK_C=block_c)
+            _mlp_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](*args, PRECISION=prec,
+                                                                        BLOCK_C=block_c)
     return out.view(bsz, t, c)
 
 

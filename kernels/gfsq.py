@@ -2,8 +2,9 @@
 
 Twin: chattts_vllm/audio/gfsq.py (`GFSQ.forward_native`).
 
-For frame row r and group g (R = 2 residual levels): z = Σ_q s_q · code(idx[r, g·R + q]) with code(i)_j = (digit_j(i) − L//2)
-/ (L//2), digit_j(i) = ⌊i / L^j⌋ mod L and s_q = (L − 1)^−q; then out[r, g·D:(g+1)·D] = W_g z + b_g.
+For frame row r and group g (R = 2 residual levels): z = Σ_q s_q · code(idx[r, g·R + q]) with
+code(i)_j = (digit_j(i) − L//2) / (L//2), digit_j(i) = ⌊i / L^j⌋ mod L and s_q = (L − 1)^−q;
+then out[r, g·D:(g+1)·D] = W_g z + b_g.
 A K = 4 projection is four FMAs per output, so this is a bandwidth-bound broadcast, not a tl.dot.
 Written as (B, T, G·D), the result already *is* the ×2 reshape (B, 2T, D) of the DVAE decoder.
 """
@@ -56,7 +57,8 @@ def gfsq_dequantize(codes: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     weight: (G, D, len(levels)) stacked project_out weights; bias: (G, D). All levels must be equal.
     """
     if len(set(levels)) != 1 or residuals != 2:
-        raise ValueError(f"the kernel assumes equal FSQ levels and 2 residual levels, got {levels}, {residuals}")
+        raise ValueError(f"the kernel assumes equal FSQ levels and 2 residual levels, got {levels}, "
+                         f"{residuals}")
     bsz, t, ncode = codes.shape
     groups, d, dim = weight.shape
     assert ncode == groups * residuals and dim == len(levels)

@@ -58,7 +58,10 @@ class GFSQ(nn.Module):
         return (digits.float() - half) / half
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, T, G·R) integer codes → (B, T, dim) features: Σ_r scale_r·code_r, then project_out per group."""
+        """(B, T, G·R) integer codes → (B, T, dim) features.
+
+        Per group: Σ_r scale_r · code_r, then project_out.
+        """
         if use_triton(self.backend, codes):
             return self.forward_triton(codes)
         return self.forward_native(codes)

@@ -69,7 +69,8 @@ class ISTFTHead(nn.Module):
     def spectrum(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, dim) → (B, T, n_fft//2+1) complex64; the magnitude is capped at 100 like vocos."""
         if use_triton(self.backend, x):       # GEMM straight to fp32: exp() of a bf16 log-magnitude is coarse
-            y = triton_kernels("convnext").conv_gemm(x, self.out.weight, self.out.bias, out_dtype=torch.float32)
+            y = triton_kernels("convnext").conv_gemm(x, self.out.weight, self.out.bias,
+                                                     out_dtype=torch.float32)
         else:
             y = self.out(x).float()
         mag, phase = y.chunk(2, dim=-1)
