@@ -7,8 +7,9 @@ with counter noise. Twin: `gpt.sampling.sample_frames` (= `sample` on the B*4 ro
 repeats the float operations the twin runs on CUDA, so on the same batch it returns the same codes
 and the same processed logits, bit for bit (csrc/sample_codebooks.cu says how). The twin's top-p
 cumsum is torch's, whose association depends on the number of rows (4 B); the kernel follows it, so
-compare kernel and twin on the same batch. On CPU the twin's softmax/cumsum round differently from
-CUDA: CPU and GPU agree on codes except where a cumulative sum sits within an ulp of 1 - top_p.
+compare kernel and twin on the same batch. The CPU twin rounds pow/exp/log and the cumsum its own
+way: CPU and GPU codes differ only where that ulp matters (a near-tie of the noisy logits, or a
+cumulative sum within an ulp of 1 - top_p).
 
 The refine (text) pass, one row of 21,178 logits per request, stays on the twin (`gpt.sampling.sample`).
 """

@@ -208,18 +208,26 @@ __global__ void __launch_bounds__(kThreads) sample_codebooks_kernel(const Args a
     }
     __syncthreads();
   }
-  if (tid == 0) {
+  if (tid == 0) {  // the only serial part: (626 / C) * (L + 2) dependent adds
     float carry = 0.f;
     for (int base = 0; base < kVocab; base += tile) {
+      float part[10];  // partials at base + 2^(h+1) - 1, h = 0..L (L <= 9), loaded up front
+#pragma unroll
+      for (int h = 0; h < 10; ++h) {
+        const int p = base + (2 << h) - 1;
+        part[h] = h <= L && p < kVocab ? cum[p] : 0.f;
+      }
       float v = __fadd_rn(cum[base], carry);
       cum[base] = v;
-      for (int h = 0; h <= L; ++h) {
+#pragma unroll
+      for (int h = 0; h < 10; ++h) {
         const int p = base + (2 << h) - 1;
-        if (p >= kVocab) break;
-        v = __fadd_rn(cum[p], v);
-        cum[p] = v;
+        if (h <= L && p < kVocab) {
+          v = __fadd_rn(part[h], v);
+          cum[p] = v;
+        }
       }
-      carry = v;
+      carry = v;  // out[base + C - 1] for every tile but the last
     }
   }
   __syncthreads();

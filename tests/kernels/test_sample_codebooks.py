@@ -1,7 +1,7 @@
 """The fused 4-codebook sampler (csrc/sample_codebooks.cu) against its twin, gpt/sampling.py.
 
-CPU tests (CI): chattts_vllm.ops falls back to the twin. GPU tests (`pytest -m gpu`, extension built
-with `pip install --no-build-isolation --no-deps -e .`): kernel and twin on the same CUDA batch give
+CPU tests (CI): chattts_vllm.ops falls back to the twin. GPU tests (`pytest -m gpu`, after building
+the extension: `python setup.py build_ext --inplace`): kernel and twin on the same CUDA batch give
 identical codes and bit-identical processed logits, ragged batches and tie/boundary cases included.
 """
 from __future__ import annotations
