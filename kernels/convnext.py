@@ -30,6 +30,7 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MLP_MODE = os.environ.get("CHATTTS_CONVNEXT_MLP", "split")     # "split" | "fused"
+AUTOTUNE = os.environ.get("CHATTTS_TRITON_AUTOTUNE", "1") != "0"
 
 
 @triton.jit
@@ -243,14 +244,21 @@ def _configs(shapes, hook=None, group: bool = True) -> list[triton.Config]:
                           num_warps=w, num_stages=s, pre_hook=hook) for bm, bn, bk, w, s in shapes]
 
 
-# Register use on sm_90a (ptxas, bf16): 128x128x64/w8 ≈ 120-160 regs, 64x256x64/w8 ≈ 115-136,
-# 128x256x64/w8 ≈ 235-255 (48 B spill with the GELU epilogue); the others stay well below.
-_TMA_SHAPES = [(128, 128, 64, 8, 4), (64, 256, 64, 8, 4), (128, 128, 128, 8, 3),
-               (128, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
-_PTR_SHAPES = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 32, 4, 3), (64, 64, 64, 4, 2)]
-_linear_tma_tuned = triton.autotune(_configs(_TMA_SHAPES, _set_linear_boxes),
+def _tune_list(shapes: list) -> list:
+    """Autotune candidates, first = the untuned default (CHATTTS_TRITON_AUTOTUNE=0 keeps only it:
+    each candidate costs a ~1 s compile per distinct shape on a fresh machine)."""
+    return shapes if AUTOTUNE else shapes[:1]
+
+
+# Register use on sm_90a (ptxas, bf16, TMA): 128x128x64/w8 ≈ 120-175 regs, 64x256x64/w8 ≈ 115-136,
+# 128x256x64/w8 ≈ 235-255 (48 B spill with the GELU epilogue), 64x128x64/w4 ≈ 115-136.
+_LINEAR_SHAPES = _tune_list([(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 256, 64, 8, 4),
+                             (128, 128, 128, 8, 3)])
+_CONV_SHAPES = _tune_list([(128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 256, 64, 8, 4)])
+_PTR_SHAPES = _tune_list([(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 2)])
+_linear_tma_tuned = triton.autotune(_configs(_LINEAR_SHAPES, _set_linear_boxes),
                                     key=["N", "K", "GELU", "HAS_RES"])(_linear_tma_kernel)
-_conv_tma_tuned = triton.autotune(_configs(_TMA_SHAPES, _set_conv_boxes, group=False),
+_conv_tma_tuned = triton.autotune(_configs(_CONV_SHAPES, _set_conv_boxes, group=False),
                                   key=["N", "CIN", "TAPS"])(_conv_tma_kernel)
 _conv_gemm_tuned = triton.autotune(_configs(_PTR_SHAPES),
                                    key=["N", "CIN", "TAPS", "HAS_RES"])(_conv_gemm_kernel)
@@ -482,8 +490,8 @@ def _mlp_configs(hook=None) -> list[triton.Config]:
     # sm_90a, bf16, C = 512: BLOCK_M 64 / 8 warps ≈ 250 regs without spills; BLOCK_M 128 spills.
     return [triton.Config({"BLOCK_M": bm, "BLOCK_I": bi, "BLOCK_K": bk}, num_warps=w, num_stages=s,
                           pre_hook=hook)
-            for bm, bi, bk, w, s in [(64, 64, 64, 8, 2), (64, 64, 64, 8, 3), (64, 32, 64, 8, 3),
-                                     (64, 128, 64, 8, 2)]]
+            for bm, bi, bk, w, s in _tune_list([(64, 64, 64, 8, 3), (64, 128, 64, 8, 2),
+                                                (64, 32, 64, 8, 3)])]
 
 
 _mlp_tma_tuned = triton.autotune(_mlp_configs(_set_mlp_blocks), key=["C", "I"])(_mlp_tma_kernel)

@@ -110,3 +110,18 @@ def test_push_after_flush_raises(tiny_models):
     s.flush()
     with pytest.raises(RuntimeError):
         s.push(torch.randn(1, 16))
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_stream_equals_oneshot_on_gpu_triton():
+    """The same exactness on CUDA with the Triton kernels (fp32, TF32 off in the eager reference)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    sd = state_dicts(0)
+    dec = load_decoder(sd["Decoder.safetensors"], device="cuda")
+    voc = load_vocos(sd["Vocos.safetensors"], device="cuda")
+    hidden = torch.randn(300, 768, generator=torch.Generator().manual_seed(0)).cuda()
+    ref = voc(dec(hidden.T[None]))[0]
+    got, s = _stream(dec, voc, hidden, [24, 7, 40])
+    assert got.shape == ref.shape and (got - ref).abs().max().item() <= 1e-4
+    assert max(c.decoder_frames for c in s.chunks[:-1]) <= 40 + dec.context + 1
