@@ -80,11 +80,11 @@ __device__ __forceinline__ uint32_t row_hash(int64_t seed, int64_t counter, int 
   return mix32(h ^ static_cast<uint32_t>(stream) ^ 0x27D4EB2Fu);
 }
 
-// -log(-log(u)), u = ((bits >> 8) + 0.5) * 2^-24 in float32 exactly as the twin rounds it (u can
-// round to exactly 1.0, which makes the noise +inf: kept as is, see ops.py).
+// -log(-log(u)), u = ((bits >> 9) + 0.5) * 2^-23 in float32 exactly as the twin computes it; every
+// such u is exact and inside (0, 1), so the noise is finite.
 __device__ __forceinline__ float gumbel(uint32_t h, int token) {
   const uint32_t bits = mix32(h ^ mix32(static_cast<uint32_t>(token) + 0x165667B1u));
-  const float u = __fmul_rn(__fadd_rn(__uint2float_rn(bits >> 8), 0.5f), 5.9604644775390625e-08f);
+  const float u = __fmul_rn(__fadd_rn(__uint2float_rn(bits >> 9), 0.5f), 1.1920928955078125e-07f);
   return -logf(-logf(u));
 }
 

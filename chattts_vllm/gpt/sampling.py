@@ -106,7 +106,9 @@ def counter_uniform(seed: torch.Tensor, counter: torch.Tensor, stream: torch.Ten
     h = _mix32(h ^ (stream & _M32) ^ 0x27D4EB2F)
     tok = _mix32(torch.arange(vocab, dtype=torch.int64, device=seed.device) + 0x165667B1)
     bits = _mix32(h.unsqueeze(1) ^ tok.unsqueeze(0))
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    # 23 bits: (2**23 - 0.5) / 2**23 is exact in fp32, so u < 1 and -log(-log(u)) stays finite (24
+    # bits would round the top value to 1.0, making the noise +inf and a masked token drawable).
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def draw(processed: torch.Tensor, p: RowParams) -> torch.Tensor:

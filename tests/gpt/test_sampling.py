@@ -123,3 +123,15 @@ def test_uniform_noise_is_in_open_unit_interval(seed):
                         torch.zeros(n, dtype=torch.int64), V)
     assert float(u.min()) > 0 and float(u.max()) < 1
     assert abs(float(u.mean()) - 0.5) < 0.01
+
+
+def test_noise_is_strictly_below_one_where_24_bits_rounded_up():
+    """(2**24 - 1 + 0.5) / 2**24 rounds to 1.0 in fp32; this key hit it with 24-bit noise."""
+    u = counter_uniform(torch.tensor([5]), torch.tensor([79491]), torch.tensor([3]), V)
+    assert float(u.max()) < 1.0
+    lg = torch.full((1, V), -1e9)
+    lg[0, :3] = torch.tensor([1.0, 0.5, 0.2])
+    p = RowParams(temperature=torch.ones(1), top_p=torch.ones(1), top_k=torch.full((1,), 3),
+                  repetition_penalty=torch.ones(1), mask_eos=torch.zeros(1, dtype=torch.bool),
+                  seed=torch.tensor([5]), counter=torch.tensor([79491]), stream=torch.tensor([3]))
+    assert int(draw(process_logits(lg, torch.full((1, 16), -1), p, EOS), p)) < 3
