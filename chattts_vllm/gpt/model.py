@@ -8,8 +8,8 @@ vLLM hands the model only token ids and positions, so the per-token codes and sp
 from the runner glue (`frame_inputs`), which knows each request's frame history.
 
 Logits layout (`compute_logits`): a text row holds head_text's 21,178 logits; a code row holds the
-four code heads' 4 x 626 logits in its first 2,504 columns and -inf after them. The runner's sampler
-reads them back with `split_code_logits`.
+four code heads' 4 x 626 logits in its first 2,504 columns and -inf after them (an all-code batch on
+model runner V2 returns just those 2,504 columns). Samplers read them back with `split_code_logits`.
 """
 from __future__ import annotations
 
@@ -31,11 +31,28 @@ CODE_LOGITS_WIDTH = NUM_VQ * NUM_AUDIO_TOKENS
 
 @dataclass
 class TokenInputs:
-    """Per-token extras for one forward: codes [N, 4] (-1 on text tokens) and speaker rows."""
+    """Per-token extras for one forward, dense so that no runner needs a host sync to build them.
+
+    codes [N, 4] int: the frame's codes on audio tokens, -1 on text tokens;
+    speaker_mask [N] bool and speaker_vectors [N, hidden]: rows that take the speaker vector.
+    """
 
     codes: torch.Tensor
-    speaker_index: torch.Tensor      # [M] token indices
-    speaker_vectors: torch.Tensor    # [M, hidden]
+    speaker_mask: torch.Tensor
+    speaker_vectors: torch.Tensor
+
+
+@dataclass
+class LogitsLayout:
+    """Which logits rows are code rows: "text" (none), "code" (all), or "mixed" with a row mask.
+
+    `narrow` lets an all-code batch return only the 2,504 code columns (model runner V2's own
+    sampler reads them); the V1 sampler needs the full engine vocabulary width.
+    """
+
+    kind: str
+    code_rows: torch.Tensor | None = None
+    narrow: bool = False
 
 
 class FrameInputs(Protocol):
@@ -43,7 +60,7 @@ class FrameInputs(Protocol):
 
     def token_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor) -> TokenInputs | None: ...
 
-    def code_rows(self, num_rows: int) -> torch.Tensor | None: ...
+    def logits_layout(self, num_rows: int) -> LogitsLayout: ...
 
 
 def split_code_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -91,19 +108,17 @@ class ChatTTSForCausalLM(nn.Module):
         return self.model.embed_input_ids(input_ids)
 
     def embed_tokens(self, input_ids: torch.Tensor, extras: TokenInputs | None) -> torch.Tensor:
-        """The ChatTTS input embedding of N tokens (see the module docstring)."""
+        """The ChatTTS input embedding of N tokens (see the module docstring); sync-free."""
         emb = self.model.embed_input_ids(input_ids)
         if extras is None:
             return emb
         codes = extras.codes
-        is_audio = codes[:, 0] >= 0
-        if bool(is_audio.any()):
-            audio_codes = codes[is_audio]
-            code_emb = sum(self.emb_code[k](audio_codes[:, k]) for k in range(len(self.emb_code)))
-            emb = emb.index_put((is_audio.nonzero().squeeze(1),), code_emb.to(emb.dtype))
-        if extras.speaker_index.numel():
-            emb = emb.index_put((extras.speaker_index,), extras.speaker_vectors.to(emb.dtype))
-        return emb
+        safe = codes.clamp(min=0)
+        code_emb = self.emb_code[0](safe[:, 0])
+        for k in range(1, len(self.emb_code)):
+            code_emb = code_emb + self.emb_code[k](safe[:, k])
+        emb = torch.where((codes[:, 0] >= 0).unsqueeze(1), code_emb.to(emb.dtype), emb)
+        return torch.where(extras.speaker_mask.unsqueeze(1), extras.speaker_vectors.to(emb.dtype), emb)
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors=None, inputs_embeds: torch.Tensor | None = None,
@@ -123,19 +138,32 @@ class ChatTTSForCausalLM(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         self.last_hidden_states = hidden_states
-        n = hidden_states.shape[0]
-        code_rows = self.frame_inputs.code_rows(n) if self.frame_inputs else None
-        if code_rows is None or not bool(code_rows.any()):
+        layout = self.frame_inputs.logits_layout(hidden_states.shape[0]) if self.frame_inputs else None
+        if layout is None or layout.kind == "text":
             return self.text_logits(hidden_states)
-        logits = torch.full((n, self.config.vocab_size), float("-inf"),
-                            dtype=torch.float32, device=hidden_states.device)
-        logits[code_rows, :CODE_LOGITS_WIDTH] = self.code_logits(hidden_states[code_rows]).flatten(1)
-        text_rows = ~code_rows
-        if bool(text_rows.any()):
-            logits[text_rows] = self.text_logits(hidden_states[text_rows])
+        code = self.code_logits(hidden_states).flatten(1)
+        if layout.kind == "code" and layout.narrow:
+            return code
+        n, vocab = hidden_states.shape[0], self.config.vocab_size
+        if layout.kind == "code":
+            logits = torch.full((n, vocab), float("-inf"), dtype=torch.float32, device=code.device)
+            logits[:, :CODE_LOGITS_WIDTH] = code
+            return logits
+        # Mixed batch: a dense select, no host sync.
+        is_code = layout.code_rows.to(code.device).unsqueeze(1)
+        logits = self.text_logits(hidden_states)
+        logits[:, :CODE_LOGITS_WIDTH] = torch.where(is_code, code, logits[:, :CODE_LOGITS_WIDTH])
+        logits[:, CODE_LOGITS_WIDTH:].masked_fill_(is_code, float("-inf"))
         return logits
 
     # -- weights -----------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)
 
+
+    @staticmethod
+    def get_model_state_cls():
+        """Model runner V2 hook (the GPU fast path); imported lazily so CPU never loads it."""
+        from chattts_vllm.runners.mrv2 import ChatTTSModelState
+
+        return ChatTTSModelState

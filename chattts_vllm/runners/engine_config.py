@@ -1,8 +1,11 @@
 """Engine settings the ChatTTS model needs, applied by vLLM's per-architecture config hook.
 
 `vllm serve DIR` and `LLM(DIR)` then work with no ChatTTS-specific flags:
-- the V1 runner gets the ChatTTS sampler as a custom logits processor (it is named here, not
-  declared as a `vllm.logits_processors` entry point, which would push every model onto V1);
+- the V1 runner (CPU, or a GPU run forced onto V1 with VLLM_USE_V2_MODEL_RUNNER=0) gets the
+  ChatTTS sampler as a custom logits processor. It is named here, not declared as a
+  `vllm.logits_processors` entry point, which would push every model onto V1. On the GPU, model
+  runner V2 uses the model's own state instead (`get_model_state_cls`, runners/mrv2.py), and a
+  logits processor would force V1, so none is added there;
 - prefix caching is turned off: the speaker vector and the codes of audio frames are not part of
   the token ids that vLLM hashes, so two requests with the same text but different voices (or
   different audio prompts) would otherwise share KV blocks.
@@ -25,12 +28,21 @@ class ChatTTSEngineConfig:
     def verify_and_update_config(vllm_config) -> None:
         model_config = vllm_config.model_config
         procs = list(model_config.logits_processors or [])
-        if V1_SAMPLER not in procs:
+        if uses_v1_runner() and V1_SAMPLER not in procs:
             model_config.logits_processors = procs + [V1_SAMPLER]
         if vllm_config.cache_config.enable_prefix_caching:
             logger.info("ChatTTS: prefix caching turned off, since speaker vectors and audio codes "
                         "are not part of the hashed token ids (same text, other voice would share KV)")
             vllm_config.cache_config.enable_prefix_caching = False
+
+
+def uses_v1_runner() -> bool:
+    """CPU always runs V1; on the GPU only when the user opts out of model runner V2."""
+    import os
+
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu() or os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "0"
 
 
 def register_config_hook(architecture: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -71,11 +72,19 @@ class FrameReader:
         self.hidden_size = hidden_size
         self.record = record_size(hidden_size)
 
-    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """Frames [start, stop): codes [n, 4] int32 and hidden states [n, hidden] float32."""
+    def read(self, start: int, stop: int, timeout: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+        """Frames [start, stop): codes [n, 4] int32 and hidden states [n, hidden] float32.
+
+        On the GPU path a background thread writes each step's frames just after the engine
+        reports them, so a frame may be a moment late: wait for it (bounded).
+        """
         n = max(0, stop - start)
         if n == 0:
             return np.zeros((0, NUM_VQ), np.int32), np.zeros((0, self.hidden_size), np.float32)
+        need, deadline, delay = stop * self.record, time.monotonic() + timeout, 1e-4
+        while (not self.path.exists() or self.path.stat().st_size < need) and time.monotonic() < deadline:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
         with open(self.path, "rb") as f:
             f.seek(start * self.record)
             buf = f.read(n * self.record)

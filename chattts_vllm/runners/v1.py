@@ -5,7 +5,7 @@ forward, belong to the same request, and a custom logits processor sees every ch
 mapping (`BatchUpdate`) before each forward. So one object, `V1BatchState`, mirrors the batch:
 - the logits processor updates it and samples with `gpt.sampling` (all ChatTTS parameters per row);
 - the model asks it, per forward, for each token's codes and speaker row (`token_inputs`) and for
-  which logits rows are code rows (`code_rows`).
+  which logits rows are code rows (`logits_layout`).
 
 Each sampled frame is written to its request's frame history (the penalty window and the next input)
 and to the side channel (runners/outputs.py). The engine-visible token is code0, or 625 for EOS.
@@ -25,9 +25,9 @@ from vllm.forward_context import get_forward_context, is_forward_context_availab
 from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from chattts_vllm.config import (AUDIO_EOS, EBREAK_ID, NUM_TEXT_TOKENS, NUM_VQ,
+from chattts_vllm.config import (AUDIO_EOS, EBREAK_ID, HIDDEN_SIZE, NUM_TEXT_TOKENS, NUM_VQ,
                                  REPETITION_WINDOW)
-from chattts_vllm.gpt.model import TokenInputs, live_model, split_code_logits
+from chattts_vllm.gpt.model import LogitsLayout, TokenInputs, live_model, split_code_logits
 from chattts_vllm.gpt.sampling import RowParams, sample
 from chattts_vllm.params import EngineRequest
 from chattts_vllm.runners.outputs import FrameWriter, frame_path
@@ -153,8 +153,8 @@ class V1BatchState:
         n = input_ids.shape[0]
         pos = positions.cpu().numpy()
         codes = np.full((n, NUM_VQ), -1, dtype=np.int64)
-        spk_index: list[int] = []
-        spk_vecs: list[torch.Tensor] = []
+        spk_mask = torch.zeros(n, dtype=torch.bool)
+        spk_vecs = torch.zeros(n, HIDDEN_SIZE)
         for r, state in self.rows.items():
             if r + 1 >= len(qsl):
                 continue
@@ -164,24 +164,22 @@ class V1BatchState:
             codes[lo:hi] = state.token_codes(pos[lo:hi])
             sp = state.req.spk_position
             if state.speaker is not None and pos[lo] <= sp <= pos[hi - 1]:
-                spk_index.append(lo + int(sp - pos[lo]))
-                spk_vecs.append(state.speaker)
+                i = lo + int(sp - pos[lo])
+                spk_mask[i] = True
+                spk_vecs[i] = state.speaker
         device = input_ids.device
-        return TokenInputs(
-            codes=torch.from_numpy(codes).to(device),
-            speaker_index=torch.tensor(spk_index, dtype=torch.int64, device=device),
-            speaker_vectors=(torch.stack(spk_vecs).to(device) if spk_vecs
-                             else torch.zeros(0, 1, device=device)),
-        )
+        return TokenInputs(codes=torch.from_numpy(codes).to(device), speaker_mask=spk_mask.to(device),
+                           speaker_vectors=spk_vecs.to(device))
 
-    def code_rows(self, num_rows: int) -> torch.Tensor | None:
-        if not self.rows:
-            return None
+    def logits_layout(self, num_rows: int) -> LogitsLayout:
+        code = [r for r, s in self.rows.items() if r < num_rows and s.is_code]
+        if not code:
+            return LogitsLayout("text")
+        if len(code) == num_rows:
+            return LogitsLayout("code")
         mask = torch.zeros(num_rows, dtype=torch.bool)
-        for r, state in self.rows.items():
-            if r < num_rows and state.is_code:
-                mask[r] = True
-        return mask
+        mask[code] = True
+        return LogitsLayout("mixed", mask)
 
     # -- sampling ----------------------------------------------------------------------------
     def sample(self, logits: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:

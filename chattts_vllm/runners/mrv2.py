@@ -1,0 +1,296 @@
+"""Model runner V2 glue (the GPU fast path): per-slot frame state, inputs and the ChatTTS sampler.
+
+MRv2 keeps requests in persistent slots and hands every hook the batch-row -> slot mapping
+(`input_batch.idx_mapping`), so all per-request state lives in slot-indexed GPU tensors and every
+step is a handful of gathers and scatters with no host sync (async scheduling stays on):
+
+- `codes[slot, position]`: the 4 codes of each audio position (prompt-audio frames and generated
+  frames, by absolute position; the last column is a trash row for writes that must not land);
+  it is the next input, the penalty window and, after a preemption, the re-prefill input;
+- per-slot parameters (temperature x4, top-p, top-k, penalty, min_new_token, seed) and the speaker.
+
+`prepare_inputs` fills one persistent `inputs_embeds` buffer (CUDA graphs replay its address) with
+the model's own `embed_tokens`; the sampler runs the fused CUDA kernel (`ops.sample_codebooks_from
+_buffer`, twin: gpt/sampling.py), emits code0 or 625, and commits the frame. Codes and hidden states
+go to the front end through the same side channel as on V1, written by a background thread after
+an async device-to-host copy.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+from vllm.v1.core.sched.output import NewRequestData
+from vllm.v1.worker.gpu.input_batch import InputBatch, get_num_sampled_and_rejected
+from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+from vllm.v1.worker.gpu.sample.output import SamplerOutput
+from vllm.v1.worker.gpu.states import RequestState
+
+from chattts_vllm import ops
+from chattts_vllm.config import AUDIO_EOS, EBREAK_ID, NUM_TEXT_TOKENS, NUM_VQ
+from chattts_vllm.gpt.model import LogitsLayout, TokenInputs, split_code_logits
+from chattts_vllm.gpt.sampling import RowParams, sample
+from chattts_vllm.params import EngineRequest
+from chattts_vllm.runners.outputs import FrameWriter
+
+logger = logging.getLogger(__name__)
+MAX_PARKED = 256
+
+
+class _NoPenalties:
+    """The runner reads `penalties_state.output_bin_counts`; None turns vLLM's bin counting off."""
+
+    output_bin_counts = None
+
+
+class FrameSinkThread:
+    """Writes committed frames to the side channel off the critical path, in step order."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.Queue = queue.Queue()
+        self.writers: dict[int, FrameWriter] = {}
+        threading.Thread(target=self._run, daemon=True, name="chattts-frame-sink").start()
+
+    def open(self, slot: int, key: str | None) -> None:
+        self.jobs.put(("open", slot, key))
+
+    def close(self, slot: int) -> None:
+        self.jobs.put(("close", slot, None))
+
+    def submit(self, event: torch.cuda.Event, slots: np.ndarray, payload: torch.Tensor) -> None:
+        self.jobs.put(("frames", event, (slots, payload)))
+
+    def _run(self) -> None:
+        while True:
+            kind, a, b = self.jobs.get()
+            try:
+                if kind == "open":
+                    old = self.writers.pop(a, None)
+                    if old is not None:
+                        old.close()
+                    if b is not None:
+                        self.writers[a] = FrameWriter(b)
+                elif kind == "close":
+                    w = self.writers.pop(a, None)
+                    if w is not None:
+                        w.close()
+                else:
+                    a.synchronize()
+                    slots, payload = b
+                    data = payload.numpy()
+                    for i, slot in enumerate(slots):
+                        w = self.writers.get(int(slot))
+                        frame = int(data[i, 0])
+                        if w is None or frame < 0:
+                            continue
+                        w.write(frame, data[i, 1:1 + NUM_VQ].astype(np.int32), data[i, 1 + NUM_VQ:])
+            except Exception:  # keep the engine alive; the front end reports the missing frame
+                logger.exception("chattts frame sink failed on a %s job", kind)
+
+
+class ChatTTSModelState(DefaultModelState):
+    def __init__(self, vllm_config, model, encoder_cache, device):
+        super().__init__(vllm_config, model, encoder_cache, device)
+        S, L, H = self.max_num_reqs, self.max_model_len, model.config.hidden_size
+        self.trash = L                                     # column for writes that must not land
+        self.codes = torch.zeros(S, L + 1, NUM_VQ, dtype=torch.int32, device=device)
+        self.is_code = torch.zeros(S, dtype=torch.bool, device=device)
+        self.is_code_np = np.zeros(S, dtype=bool)
+        self.is_chattts_np = np.zeros(S, dtype=bool)
+        self.text_len = torch.zeros(S, dtype=torch.int64, device=device)
+        self.prompt_len = torch.zeros(S, dtype=torch.int64, device=device)
+        self.spk_pos = torch.full((S,), -1, dtype=torch.int64, device=device)
+        self.spk_vec = torch.zeros(S, H, dtype=torch.float32, device=device)
+        self.temperature = torch.ones(S, NUM_VQ, dtype=torch.float32, device=device)
+        self.top_p = torch.ones(S, dtype=torch.float32, device=device)
+        self.top_k = torch.full((S,), 20, dtype=torch.int64, device=device)
+        self.penalty = torch.ones(S, dtype=torch.float32, device=device)
+        self.min_new = torch.zeros(S, dtype=torch.int64, device=device)
+        self.seed = torch.zeros(S, dtype=torch.int64, device=device)
+        self.embeds = torch.zeros(self.max_num_tokens, H, dtype=self.dtype, device=device)
+        self.slot_of: dict[str, int] = {}
+        self.parked: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.sink = FrameSinkThread()
+        self.layout = LogitsLayout("text")
+        model.frame_inputs = self
+
+    # -- requests ----------------------------------------------------------------------------
+    def add_request(self, req_index: int, new_req_data: NewRequestData) -> None:
+        super().add_request(req_index, new_req_data)
+        slot = req_index
+        req = EngineRequest.from_extra_args(new_req_data.sampling_params.extra_args)
+        self.slot_of[new_req_data.req_id] = slot
+        self.is_chattts_np[slot] = req is not None
+        self.is_code_np[slot] = req is not None and req.mode == "code"
+        self.is_code[slot] = bool(self.is_code_np[slot])
+        self.sink.open(slot, req.sink if self.is_code_np[slot] else None)
+        if req is None:
+            return
+        prompt_len = len(new_req_data.prompt_token_ids or [])
+        temps = (req.temperature * NUM_VQ)[:NUM_VQ] if len(req.temperature) == 1 else req.temperature
+        self.temperature[slot] = torch.tensor(temps, dtype=torch.float32)
+        self.top_p[slot], self.top_k[slot] = req.top_p, req.top_k
+        self.penalty[slot], self.min_new[slot], self.seed[slot] = (
+            req.repetition_penalty, req.min_new_token, req.seed)
+        self.text_len[slot], self.prompt_len[slot] = req.text_len, prompt_len
+        self.spk_pos[slot] = req.spk_position if req.speaker is not None else -1
+        if req.speaker is not None:
+            self.spk_vec[slot] = torch.tensor(req.speaker, dtype=torch.float32)
+        if req.prompt_codes:
+            pc = torch.tensor(req.prompt_codes, dtype=torch.int32)
+            self.codes[slot, req.text_len:req.text_len + len(pc)] = pc.to(self.device)
+        parked = self.parked.pop(new_req_data.req_id, None)
+        resumed = len(new_req_data.prefill_token_ids or []) - prompt_len
+        if parked is not None:
+            self.codes[slot].copy_(parked)
+        elif resumed > 0:
+            logger.warning("chattts: request %s resumed without its frame history; codes 1-3 of "
+                           "its first %d frames are lost", new_req_data.req_id, resumed)
+
+    def remove_request(self, req_id: str) -> None:
+        slot = self.slot_of.pop(req_id, None)
+        if slot is None:
+            return
+        self.sink.close(slot)
+        if self.is_code_np[slot]:
+            # Finished and preempted look alike here: keep the history for a possible resume.
+            self.parked[req_id] = self.codes[slot].clone()
+            while len(self.parked) > MAX_PARKED:
+                self.parked.popitem(last=False)
+        self.is_code_np[slot] = self.is_chattts_np[slot] = False
+
+    # -- inputs ------------------------------------------------------------------------------
+    def token_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor) -> TokenInputs | None:
+        return None  # inputs_embeds always comes from prepare_inputs on this runner
+
+    def _slot_of_tokens(self, input_batch: InputBatch, n: int) -> torch.Tensor:
+        qsl = input_batch.query_start_loc[1:input_batch.num_reqs + 1]
+        row = torch.searchsorted(qsl, torch.arange(n, device=qsl.device, dtype=qsl.dtype), right=True)
+        return input_batch.idx_mapping[row.clamp(max=input_batch.num_reqs - 1)].long()
+
+    def prepare_inputs(self, input_batch: InputBatch, req_states: RequestState) -> dict[str, Any]:
+        out = super().prepare_inputs(input_batch, req_states)
+        n = input_batch.num_tokens
+        ids = input_batch.input_ids[:n]
+        pos = input_batch.positions[:n].long()
+        slot = self._slot_of_tokens(input_batch, n)
+        is_audio = self.is_code[slot] & (pos >= self.text_len[slot])
+        codes = self.codes[slot, pos.clamp(max=self.trash)]
+        extras = TokenInputs(codes=torch.where(is_audio.unsqueeze(1), codes, -1),
+                             speaker_mask=pos == self.spk_pos[slot], speaker_vectors=self.spk_vec[slot])
+        self.embeds[:n] = self.model.embed_tokens(ids, extras)
+        self.layout = self._layout(input_batch.idx_mapping_np[:input_batch.num_reqs])
+        out["inputs_embeds"] = self.embeds[:input_batch.num_tokens_after_padding]
+        return out
+
+    def prepare_dummy_inputs(self, num_reqs: int, num_tokens: int) -> dict[str, Any]:
+        out = super().prepare_dummy_inputs(num_reqs, num_tokens)
+        out["inputs_embeds"] = self.embeds[:num_tokens]
+        return out
+
+    def _layout(self, slots: np.ndarray) -> LogitsLayout:
+        code = self.is_code_np[slots]
+        if not code.any():
+            return LogitsLayout("text")
+        if code.all():
+            return LogitsLayout("code", narrow=True)
+        return LogitsLayout("mixed", torch.from_numpy(code))
+
+    def logits_layout(self, num_rows: int) -> LogitsLayout:
+        rows = self.layout.code_rows
+        if rows is not None and len(rows) != num_rows:
+            return LogitsLayout("text")
+        return self.layout
+
+    def custom_sampler(self, sampler):
+        return ChatTTSSampler(self, sampler), None
+
+
+class ChatTTSSampler:
+    """Replaces vLLM's MRv2 sampler for ChatTTS rows; plain requests get a greedy text token."""
+
+    def __init__(self, state: ChatTTSModelState, base) -> None:
+        self.state = state
+        self.req_states = base.req_states
+        self.sampling_states = base.sampling_states
+        self.penalties_state = _NoPenalties()
+
+    def add_request(self, req_idx: int, prompt_len: int, sampling_params) -> None:
+        self.sampling_states.add_request(req_idx, sampling_params)
+
+    def apply_staged_writes(self) -> None:
+        self.sampling_states.apply_staged_writes()
+
+    def __call__(self, logits: torch.Tensor, input_batch: InputBatch) -> SamplerOutput:
+        st = self.state
+        num_reqs = input_batch.num_reqs
+        slots_np = input_batch.idx_mapping_np[:num_reqs]
+        slot = input_batch.idx_mapping[:num_reqs].long()
+        pos = input_batch.positions[input_batch.logits_indices][:num_reqs].long()
+        num_sampled, num_rejected = get_num_sampled_and_rejected(
+            input_batch.seq_lens.new_ones(num_reqs), input_batch.seq_lens, input_batch.cu_num_logits,
+            input_batch.idx_mapping, self.req_states.prefill_len.gpu)
+        code_rows = st.is_code_np[slots_np]
+        sampled = None
+        if code_rows.any():
+            sampled = self._sample_code(logits, input_batch, slot, pos, num_sampled)
+        if not code_rows.all():
+            text = self._sample_text(logits, slot, pos, slots_np)
+            sampled = text if sampled is None else torch.where(st.is_code[slot], sampled, text)
+        return SamplerOutput(sampled_token_ids=sampled.view(-1, 1), logprobs_tensors=None,
+                             num_nans=None, num_sampled=num_sampled, num_rejected=num_rejected)
+
+    def _sample_code(self, logits, input_batch, slot, pos, num_sampled) -> torch.Tensor:
+        st = self.state
+        code_logits = split_code_logits(logits)
+        first = st.prompt_len[slot]
+        frame = (pos + 1 - first).clamp(min=0)          # index of the frame this row samples
+        codes = ops.sample_codebooks_from_buffer(
+            code_logits, st.codes, slot, first, frame, st.temperature[slot], st.top_p[slot],
+            st.top_k[slot], st.penalty[slot], frame < st.min_new[slot], st.seed[slot], frame)
+        eos = (codes == AUDIO_EOS).any(dim=1)
+        commit = st.is_code[slot] & (num_sampled > 0) & ~eos
+        col = torch.where(commit, first + frame, torch.full_like(frame, st.trash)).clamp(max=st.trash)
+        st.codes[slot, col] = codes.to(torch.int32)
+        self._export(input_batch, torch.where(commit, frame, -1), codes)
+        return torch.where(eos, torch.full_like(codes[:, 0], AUDIO_EOS), codes[:, 0])
+
+    def _export(self, input_batch, frame: torch.Tensor, codes: torch.Tensor) -> None:
+        """Async copy of (frame index, 4 codes, hidden) per row to the sink thread."""
+        st = self.state
+        hidden = st.model.last_hidden_states[: len(frame)].float()
+        payload = torch.cat([frame.unsqueeze(1).float(), codes.float(), hidden], dim=1)
+        host = torch.empty(payload.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(payload, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        st.sink.submit(event, input_batch.idx_mapping_np[: len(frame)].copy(), host)
+
+    def _sample_text(self, logits, slot, pos, slots_np) -> torch.Tensor:
+        """Refine rows (rare on the serving path) use the PyTorch twin; other requests are greedy."""
+        st = self.state
+        text = logits[:, :NUM_TEXT_TOKENS].float() if logits.shape[1] >= NUM_TEXT_TOKENS else None
+        if text is None:
+            return torch.zeros(len(slot), dtype=torch.int64, device=logits.device)
+        greedy = text.argmax(dim=-1)
+        if not st.is_chattts_np[slots_np].any():
+            return greedy
+        n = len(slot)
+        step = (pos + 1 - st.prompt_len[slot]).clamp(min=0)
+        hist = torch.full((n, 16), -1, dtype=torch.int64, device=logits.device)
+        all_ids = self.req_states.all_token_ids.gpu
+        for w in range(16):  # the last 16 generated ids (prompt excluded), -1 padded
+            idx = st.prompt_len[slot] + step - 16 + w
+            ok = idx >= st.prompt_len[slot]
+            hist[:, w] = torch.where(ok, all_ids[slot, idx.clamp(min=0)].long(), -1)
+        p = RowParams(temperature=st.temperature[slot, 0], top_p=st.top_p[slot], top_k=st.top_k[slot],
+                      repetition_penalty=st.penalty[slot], mask_eos=step < st.min_new[slot],
+                      seed=st.seed[slot], counter=step, stream=torch.zeros_like(step))
+        refined = sample(text, hist, p, EBREAK_ID)
+        chattts = torch.from_numpy(st.is_chattts_np[slots_np]).to(logits.device)
+        return torch.where(chattts, refined, greedy)
