@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# On the GPU machine, after ../shared/gpu/device-setup.sh: build, check and time one stage.
+# usage: scripts/gpu-check.sh build|kernels|decoder|mrv2|throughput   (logs and results go to $OUT)
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH=/root/site312:$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
+py=python3
+case "${1:-}" in
+  build)
+    # The CUDA extension (csrc/) for this machine's Python and CUDA.
+    TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=8 $py setup.py build_ext --inplace 2>&1 | tail -5
+    $py -c "import torch, chattts_vllm._C; print('ext ok', torch.ops.chattts_vllm.sample_codebooks)"
+    nvidia-smi --query-gpu=name,memory.total --format=csv ;;
+  kernels)
+    $py -m pytest -q -m gpu tests/kernels/test_sample_codebooks.py tests/kernels/test_kernels_gpu.py \
+      tests/audio/test_audio_stream.py 2>&1 | tee "$OUT/pytest-kernels.log" | tail -15
+    $py benchmarks/kernels/bench_sample_codebooks.py 2>&1 | tee "$OUT/bench-sampler.log" | tail -12 ;;
+  decoder)
+    $py benchmarks/bench_decoder.py 2>&1 | tee "$OUT/bench-decoder.log" | tail -20 ;;
+  mrv2)
+    $py -m pytest -q -x -m gpu tests/gpu/test_mrv2.py 2>&1 | tee "$OUT/pytest-mrv2.log" \
+      | grep -v "INFO\|it/s" | tail -30 ;;
+  throughput)
+    shift; $py benchmarks/bench_throughput.py "$@" 2>&1 | tee "$OUT/bench-throughput.log" \
+      | grep -v "INFO\|it/s\]" | tail -25 ;;
+  *) echo "usage: $0 build|kernels|decoder|mrv2|throughput"; exit 2 ;;
+esac
+cp -f benchmarks/results/*.json benchmarks/results/*.png "$OUT"/ 2>/dev/null || true
