@@ -24,7 +24,7 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
-COMMAND_MODULES: tuple[str, ...] = ()  # e.g. "chattts_vllm.serving.cli" for `synthesize`, `serve`
+COMMAND_MODULES: tuple[str, ...] = ("chattts_vllm.serving.cli",)  # synthesize, demo, serve
 
 
 def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]):

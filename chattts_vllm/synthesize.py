@@ -1,7 +1,10 @@
-"""Offline synthesis: texts -> (refine pass) -> code pass on vLLM -> frames (-> audio).
+"""Offline synthesis: texts -> (refine pass) -> code pass on vLLM -> frames -> audio.
 
 `ChatTTS` wraps one `vllm.LLM` built on a converted checkpoint directory. Each text is its own
 request with its own parameters and seed, so the batch is as large as the list you pass.
+`synthesize` adds the text front end and the audio back end (serving/pipeline.py, shared with the
+speech endpoint): each text is normalised and split into sentences, every sentence of every text
+goes into one engine batch, and each text's sentences are decoded and concatenated.
 """
 from __future__ import annotations
 
@@ -9,10 +12,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from chattts_vllm.gpt.requests import (CodeResult, code_request, collect_code_result,
                                        refine_request, refine_result_ids)
 from chattts_vllm.runners.outputs import FrameReader
 from chattts_vllm.params import InferCodeParams, RefineTextParams
+from chattts_vllm.serving.pipeline import SpeechPlan, decode_utterance
+from chattts_vllm.serving.pipeline import split_text as _split
 from chattts_vllm.text.prompt import ChatTTSTokenizer, refine_ids_to_text
 from chattts_vllm.text.speaker import SpeakerStats, resolve_voice
 
@@ -41,6 +48,8 @@ class ChatTTS:
             self.speaker_stats: SpeakerStats | None = SpeakerStats.load(self.model_dir / "chattts")
         except FileNotFoundError:
             self.speaker_stats = None
+        self._normalizer = None
+        self._audio = None
         args = {**DEFAULT_ENGINE_ARGS, **engine_args}
         self.llm = LLM(model=str(self.model_dir), **args)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
@@ -79,3 +88,61 @@ class ChatTTS:
         finally:
             for r in reqs:  # no-op for collected results; removes files of failed ones
                 FrameReader(r.sink).close()
+
+    # -- text in, audio out -------------------------------------------------------------------
+    @property
+    def normalizer(self):
+        if self._normalizer is None:
+            from chattts_vllm.text.normalize import Normalizer
+
+            self._normalizer = Normalizer()
+        return self._normalizer
+
+    def audio_models(self, device: str | None = None, dtype=None):
+        """Decoder, DVAE and Vocos of this checkpoint, loaded on first use (GPU if available)."""
+        if self._audio is None:
+            import torch
+
+            from chattts_vllm.audio.checkpoint import load_audio_models
+
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self._audio = load_audio_models(self.model_dir, device, dtype or torch.float32)
+        return self._audio
+
+    def synthesize(self, texts: str | Sequence[str],
+                   params: InferCodeParams | Sequence[InferCodeParams] | None = None,
+                   voices: Sequence | None = None, *, use_decoder: bool = True,
+                   skip_refine_text: bool = True, refine_params: RefineTextParams | None = None,
+                   split_text: bool = True, normalize: bool = True,
+                   use_tqdm: bool = False) -> list[np.ndarray]:
+        """Texts -> one 24 kHz float32 waveform each.
+
+        Every sentence of a text uses that text's voice (`voices[i]`, else `params.spk_emb`, else
+        none) and seed `manual_seed + k` for its k-th sentence. `use_decoder=False` decodes the
+        codes with the DVAE instead of the hidden states with the Decoder.
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ps = _per_text(params, len(texts), InferCodeParams)
+        vs = list(voices) if voices is not None else [None] * len(texts)
+        if len(vs) != len(texts):
+            raise ValueError(f"got {len(vs)} voices for {len(texts)} texts")
+        plans = []
+        for text, p, v in zip(texts, ps, vs):
+            sentences = _split(self.normalizer, text, split=split_text, normalize=normalize)
+            refine = None if skip_refine_text else (refine_params or RefineTextParams())
+            plans.append(SpeechPlan.build(sentences, p, self.voice(v) if v is not None else None, refine))
+        flat = [(s, p, plan.speaker, r) for plan in plans for s, p, r in
+                zip(plan.sentences, plan.params, plan.refine or [None] * len(plan.sentences))]
+        sentences = [f[0] for f in flat]
+        if not skip_refine_text:
+            sentences = self.refine_text(sentences, [f[3] for f in flat])
+        results = self.infer_code(sentences, [f[1] for f in flat], voices=[f[2] for f in flat],
+                                  use_tqdm=use_tqdm)
+        models = self.audio_models()
+        wavs = [decode_utterance(models, r.codes, r.hidden, use_decoder) for r in results]
+        out, k = [], 0
+        for plan in plans:
+            n = len(plan.sentences)
+            out.append(np.concatenate(wavs[k:k + n]))
+            k += n
+        return out

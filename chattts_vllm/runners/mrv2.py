@@ -123,7 +123,12 @@ class ChatTTSModelState(DefaultModelState):
     def add_request(self, req_index: int, new_req_data: NewRequestData) -> None:
         super().add_request(req_index, new_req_data)
         slot = req_index
-        req = EngineRequest.from_extra_args(new_req_data.sampling_params.extra_args)
+        try:
+            req = EngineRequest.from_extra_args(new_req_data.sampling_params.extra_args)
+        except (TypeError, ValueError):  # malformed raw-API arguments must not kill the engine
+            logger.warning("chattts: request %s has malformed chattts arguments; sampled greedily "
+                           "as plain text", new_req_data.req_id)
+            req = None
         self.slot_of[new_req_data.req_id] = slot
         self.is_chattts_np[slot] = req is not None
         self.is_code_np[slot] = req is not None and req.mode == "code"
