@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from chattts_vllm.config import AUDIO_EOS, NUM_VQ, REPETITION_WINDOW
+from chattts_vllm.config import AUDIO_EOS, NUM_AUDIO_TOKENS, NUM_VQ, REPETITION_WINDOW
 from chattts_vllm.gpt import sampling
 
 
@@ -51,6 +51,16 @@ def _kernel_args(logits, temperature, top_p, top_k, penalty, mask_eos, seed, cou
             counter.to(torch.int64).contiguous())
 
 
+def _check_shapes(logits: torch.Tensor, history: torch.Tensor | None) -> None:
+    """Host-side shape checks before any kernel launch (bad shapes raise, never reach the GPU)."""
+    if logits.dim() != 3 or tuple(logits.shape[1:]) != (NUM_VQ, NUM_AUDIO_TOKENS):
+        raise ValueError(f"sample_codebooks: logits must be [B, {NUM_VQ}, {NUM_AUDIO_TOKENS}], "
+                         f"got {tuple(logits.shape)}")
+    if history is not None and (history.dim() != 3 or history.shape[0] != logits.shape[0]
+                                or history.shape[1] != NUM_VQ):
+        raise ValueError(f"sample_codebooks: history must be [B, {NUM_VQ}, W], got {tuple(history.shape)}")
+
+
 def _ids(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.int32, torch.int64) else t.to(torch.int32)
 
@@ -66,6 +76,7 @@ def sample_codebooks(logits: torch.Tensor, history: torch.Tensor, temperature: t
     (the frame index: noise key) [B]. `processed` [B, 4, 626] fp32, if given, receives the processed
     logits (softmax of them is the distribution each code was drawn from).
     """
+    _check_shapes(logits, history)
     if _use_kernel(logits):
         lg, *params = _kernel_args(logits, temperature, top_p, top_k, penalty, mask_eos, seed, counter)
         return torch.ops.chattts_vllm.sample_codebooks(
@@ -87,6 +98,7 @@ def sample_codebooks_from_buffer(logits: torch.Tensor, codes: torch.Tensor, slot
     num_frames [B] frames generated so far (the window is the last min(num_frames, window) of them).
     slot, first_frame, num_frames: int64 [B]. The MRv2 layout (reference mrv2-model-state.md §7).
     """
+    _check_shapes(logits, None)
     if _use_kernel(logits):
         lg, *params = _kernel_args(logits, temperature, top_p, top_k, penalty, mask_eos, seed, counter)
         return torch.ops.chattts_vllm.sample_codebooks(

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pybase16384 as b14
 import torch
 import torch.nn.functional as F
 
@@ -48,6 +47,12 @@ VOICES: dict[str, int] = {
 
 # -- base16384 + raw LZMA ---------------------------------------------------------------------
 
+def _b14():
+    import pybase16384  # imported on use: the GPU image lacks it, and only voice strings need it
+
+    return pybase16384
+
+
 def _is_base16384(s: str) -> bool:
     # Data characters are U+4E00..U+8DFF; an optional last one in U+3D01..U+3D06 marks a short tail.
     body, last = s[:-1], s[-1]
@@ -56,7 +61,7 @@ def _is_base16384(s: str) -> bool:
 
 
 def _pack(raw: bytes) -> str:
-    return b14.encode_to_string(lzma.compress(raw, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS))
+    return _b14().encode_to_string(lzma.compress(raw, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS))
 
 
 def _unpack(s: str, what: str, header: int = 0, max_len: int = 1 << 24) -> tuple[bytes, bytes]:
@@ -67,7 +72,7 @@ def _unpack(s: str, what: str, header: int = 0, max_len: int = 1 << 24) -> tuple
     if not _is_base16384(s):
         raise InvalidSpeakerError(f"{what}: not a base16384 string (unexpected characters)")
     try:
-        data = b14.decode_from_string(s)
+        data = _b14().decode_from_string(s)
     except Exception as e:  # pybase16384 raises SystemError on some malformed tails
         raise InvalidSpeakerError(f"{what}: bad base16384 ({e})") from None
     if len(data) <= header:
@@ -132,7 +137,7 @@ def _as_codes(codes: Any) -> np.ndarray:
 def encode_prompt_codes(codes: torch.Tensor) -> str:
     """(4, T) audio codes -> upstream prompt-audio string (`spk_smp`)."""
     a = _as_codes(codes)
-    return b14.encode_to_string(np.array(a.shape, dtype="<u2").tobytes() + lzma.compress(
+    return _b14().encode_to_string(np.array(a.shape, dtype="<u2").tobytes() + lzma.compress(
         a.astype("<u2").tobytes(), format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS))
 
 

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Builds the vLLM 0.26 bundle for the GPU machine (see ../shared/gpu/README.md) plus what this
+# project imports there beyond the GPU image: the text front end, voice strings and audio encoders.
+# Then carry the parts one per call and run: BUNDLE_PARTS=<n> bash .gpu-bundle/device-setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx '/.gpu-bundle/' .git/info/exclude 2>/dev/null || echo /.gpu-bundle/ >> .git/info/exclude
+bash ../shared/gpu/build-vllm-bundle.sh .gpu-bundle \
+  pybase16384==0.3.9 cffi pycparser wetext==0.1.8 kaldifst==1.8.3 contractions textsearch anyascii \
+  pyahocorasick num2words==0.5.14 docopt cn2an==0.5.24 proces av==18.1.0 soundfile==0.14.0
