@@ -1,0 +1,93 @@
+"""Text -> sentences -> engine requests -> audio: the steps the offline API and the server share.
+
+A long text is normalised and split into sentences (`Normalizer.split`); every sentence becomes its
+own code-pass request, all submitted together as one batch, with the same speaker vector (one
+voice for the whole text) and a per-sentence seed `seed + i` (so a fixed seed fixes the audio, and
+two equal sentences still differ slightly, as speech does). Each sentence is decoded at its own
+length and the waveforms are concatenated in order; near-silent samples are kept (upstream drops
+every |x| <= 1e-5 sample, which would make streamed and non-streamed audio differ).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from chattts_vllm.audio.checkpoint import AudioModels
+from chattts_vllm.audio.stream import StreamingDecoder
+from chattts_vllm.params import InferCodeParams, RefineTextParams
+from chattts_vllm.text.normalize import Normalizer
+
+SEED_MOD = 2**63
+
+
+def split_text(normalizer: Normalizer, text: str, *, split: bool = True,
+               normalize: bool = True) -> list[str]:
+    """One text -> the sayable sentences to synthesise (EmptyTextError if none)."""
+    if split:
+        return normalizer.split(text, do_text_normalization=normalize)
+    return [normalizer(text, do_text_normalization=normalize)]
+
+
+def _seeded(params, seed: int | None, i: int):
+    return params if seed is None else replace(params, manual_seed=(seed + i) % SEED_MOD)
+
+
+@dataclass
+class SpeechPlan:
+    """The engine requests of one text: sentences, their parameters, one voice, optional refine."""
+
+    sentences: list[str]
+    params: list[InferCodeParams]
+    speaker: torch.Tensor | None                  # raw (768,) fp16, shared by every sentence
+    refine: list[RefineTextParams] | None = None  # None: skip the refine pass
+
+    @classmethod
+    def build(cls, sentences: list[str], params: InferCodeParams, speaker: torch.Tensor | None,
+              refine: RefineTextParams | None = None) -> SpeechPlan:
+        seed = params.manual_seed
+        return cls(sentences, [_seeded(params, seed, i) for i in range(len(sentences))], speaker,
+                   None if refine is None else
+                   [_seeded(refine, refine.manual_seed, i) for i in range(len(sentences))])
+
+
+# -- audio ------------------------------------------------------------------------------------
+
+def mel_model(models: AudioModels, use_decoder: bool = True) -> torch.nn.Module:
+    """The Decoder (hidden states, the default) or the DVAE (codes) in front of Vocos."""
+    return models.decoder if use_decoder else models.dvae
+
+
+def frames_input(codes: np.ndarray, hidden: np.ndarray, use_decoder: bool = True) -> torch.Tensor:
+    """The rows the mel model reads: (T, 768) hidden states or (T, 4) codes."""
+    return torch.from_numpy(hidden if use_decoder else codes.astype(np.int64))
+
+
+@torch.inference_mode()
+def decode_utterance(models: AudioModels, codes: np.ndarray, hidden: np.ndarray,
+                     use_decoder: bool = True) -> np.ndarray:
+    """One utterance in one shot: T frames -> 512·T − 256 samples (float32, 24 kHz)."""
+    if len(codes) == 0:
+        return np.zeros(0, np.float32)
+    mel_net = mel_model(models, use_decoder)
+    x = frames_input(codes, hidden, use_decoder).to(models.vocos.head.out.weight.device)
+    wav = models.vocos.decode_frames(mel_net.decode_frames(x[None]))[0]
+    return wav.float().cpu().numpy()
+
+
+def stream_decoder(models: AudioModels, use_decoder: bool = True) -> StreamingDecoder:
+    return StreamingDecoder(mel_model(models, use_decoder), models.vocos)
+
+
+def first_output_frames(models: AudioModels, use_decoder: bool = True) -> int:
+    """GPT frames a stream needs before its first final sample: the decoders' right context.
+
+    Decoder (75 mel frames) + Vocos (27) of lookahead, plus the 3 spectral frames the first ISTFT
+    samples overlap, at 2 mel frames per GPT frame: 53 frames (1.13 s of audio) for the official
+    models. A push of fewer frames yields no samples yet.
+    """
+    voc = models.vocos
+    istft = voc.head.istft.window.shape[0] // (2 * voc.hop_length) + 1
+    return math.ceil((mel_model(models, use_decoder).context + voc.context + istft) / 2)

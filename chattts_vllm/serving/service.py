@@ -1,0 +1,119 @@
+"""The speech service of one API server: tokenizer, normaliser, voices, audio models, thread pool.
+
+`prepare` turns a checked `SpeechRequest` into the code-pass requests of its sentences (running the
+refine pass first when the instructions ask for it). Every user error becomes a `SpeechError` here,
+before a single byte of audio is sent, so a bad request costs no engine time and gets a clean 400.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from chattts_vllm.audio.checkpoint import load_audio_models
+from chattts_vllm.gpt.requests import EnginePrompt, code_request
+from chattts_vllm.params import InferCodeParams, InvalidParamsError, RefineTextParams
+from chattts_vllm.serving.controls import InvalidInstructionsError, refine_prompt, speed_prompt
+from chattts_vllm.serving.pipeline import SpeechPlan, split_text
+from chattts_vllm.serving.protocol import SpeechError, SpeechRequest
+from chattts_vllm.serving.streaming import AudioRunner, SpeechJob, StreamConfig, refine_texts
+from chattts_vllm.text import normalize, prompt
+from chattts_vllm.text.normalize import Normalizer
+from chattts_vllm.text.prompt import ChatTTSTokenizer
+from chattts_vllm.text.speaker import (InvalidSpeakerError, SpeakerStats, UnknownVoiceError,
+                                       resolve_voice)
+
+_EMPTY = (normalize.EmptyTextError, prompt.EmptyTextError)
+
+
+def audio_device() -> tuple[str, torch.dtype]:
+    """CHATTTS_VLLM_AUDIO_DEVICE / _DTYPE; default: the GPU if there is one, float32."""
+    device = os.environ.get("CHATTTS_VLLM_AUDIO_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, os.environ.get("CHATTTS_VLLM_AUDIO_DTYPE", "float32"))
+    return device, dtype
+
+
+@dataclass
+class Prepared:
+    """What a request needs from the engine, all validated."""
+
+    requests: list[EnginePrompt]
+    refine_tokens: int
+    request_id: str
+
+
+class SpeechService:
+    def __init__(self, engine, model_dir: str | Path, served_models: list[str], max_model_len: int,
+                 threads: int | None = None):
+        model_dir = Path(model_dir)
+        self.engine = engine
+        self.served_models = served_models
+        self.max_model_len = max_model_len
+        self.tokenizer = ChatTTSTokenizer.from_dir(model_dir)
+        self.normalizer = Normalizer()
+        try:
+            self.stats: SpeakerStats | None = SpeakerStats.load(model_dir / "chattts")
+        except FileNotFoundError:
+            self.stats = None
+        device, dtype = audio_device()
+        threads = threads or int(os.environ.get("CHATTTS_VLLM_AUDIO_THREADS", min(4, os.cpu_count() or 1)))
+        self.audio = AudioRunner(load_audio_models(model_dir, device, dtype),
+                                 ThreadPoolExecutor(threads, thread_name_prefix="chattts-audio"))
+        self.stream_config = StreamConfig.from_env()
+
+    @classmethod
+    async def create(cls, engine, args) -> SpeechService:
+        """From `vllm serve`'s engine client and arguments; loading runs off the event loop."""
+        mc = engine.model_config
+        names = list(args.served_model_name or [args.model])
+        return await asyncio.to_thread(cls, engine, mc.model, names, mc.max_model_len)
+
+    def _speaker(self, req: SpeechRequest) -> torch.Tensor | None:
+        try:
+            return resolve_voice(req.voice_spec, self.stats)
+        except UnknownVoiceError as e:
+            raise SpeechError(str(e), "voice", "unknown_voice") from None
+        except (InvalidSpeakerError, ValueError) as e:
+            raise SpeechError(str(e), "voice", "invalid_voice") from None
+
+    def _plan(self, req: SpeechRequest, sentences: list[str]) -> SpeechPlan:
+        try:
+            controls = refine_prompt(req.instructions)
+        except InvalidInstructionsError as e:
+            raise SpeechError(str(e), "instructions", "invalid_instructions") from None
+        try:
+            params = InferCodeParams(prompt=speed_prompt(req.speed), temperature=req.temperature,
+                                     top_P=req.top_p, top_K=req.top_k,
+                                     repetition_penalty=req.repetition_penalty, manual_seed=req.seed,
+                                     min_new_token=req.min_new_token, max_new_token=req.max_new_token)
+        except InvalidParamsError as e:
+            raise SpeechError(str(e), None, "invalid_value") from None  # e.g. min > max_new_token
+        refine = None if controls is None else RefineTextParams(prompt=controls, manual_seed=req.seed)
+        return SpeechPlan.build(sentences, params, self._speaker(req), refine)
+
+    async def prepare(self, req: SpeechRequest, request_id: str) -> Prepared:
+        try:
+            sentences = await self.audio.run(split_text, self.normalizer, req.input)
+        except _EMPTY as e:
+            raise SpeechError(str(e), "input", "empty_input") from None
+        plan = self._plan(req, sentences)
+        texts, used = plan.sentences, 0
+        try:
+            if plan.refine is not None:
+                texts, used = await refine_texts(self.engine, self.tokenizer, texts, plan.refine,
+                                                 request_id, self.max_model_len)
+            reqs = [code_request(self.tokenizer, t, p, speaker=plan.speaker,
+                                 max_model_len=self.max_model_len) for t, p in zip(texts, plan.params)]
+        except _EMPTY as e:
+            raise SpeechError(str(e), "input", "empty_input") from None
+        except prompt.TextTooLongError as e:
+            raise SpeechError(str(e), "input", "input_too_long") from None
+        return Prepared(reqs, used, request_id)
+
+    def start(self, prepared: Prepared) -> SpeechJob:
+        """Submit every sentence to the engine now (call from the task that will read them)."""
+        return SpeechJob(self.engine, prepared.requests, prepared.request_id, prepared.refine_tokens)

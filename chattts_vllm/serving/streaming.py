@@ -1,0 +1,196 @@
+"""Engine requests followed from the event loop, turned into audio in sentence order.
+
+`SpeechJob` submits the code-pass requests of one text at once (one batch in the engine) and reads
+them back in order. Each `Utterance` iterates `engine_client.generate(...)` in its own task, so all
+sentences progress while the caller is still on the first; the caller reads frames [start, stop)
+from the side channel once the engine has reported them. Decoder, Vocos and side-channel reads run
+in a thread pool, never on the event loop.
+
+Cleanup is synchronous (`SpeechJob.close`), because it runs inside a cancelled scope when a client
+disconnects: it cancels the request tasks (AsyncLLM aborts a request whose `generate` is cancelled)
+and removes the side-channel files. A worker that picks up an aborted request in the step that was
+already running can still create its file after that, so removal is repeated a few seconds later.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from chattts_vllm.audio.checkpoint import AudioModels
+from chattts_vllm.gpt.requests import (EnginePrompt, num_frames, refine_request,
+                                       refine_result_ids)
+from chattts_vllm.runners.outputs import FrameReader
+from chattts_vllm.serving.pipeline import (decode_utterance, first_output_frames, frames_input,
+                                           stream_decoder)
+from chattts_vllm.text.prompt import ChatTTSTokenizer, refine_ids_to_text
+
+LATE_CLEANUP_S = (2.0, 10.0, 60.0)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Frames per decoder push. The first push waits for at least the decoders' lookahead."""
+
+    first_block: int = 24
+    block: int = 48
+
+    @classmethod
+    def from_env(cls) -> StreamConfig:
+        return cls(int(os.environ.get("CHATTTS_VLLM_STREAM_FIRST_BLOCK", cls.first_block)),
+                   int(os.environ.get("CHATTTS_VLLM_STREAM_BLOCK", cls.block)))
+
+
+@dataclass
+class AudioRunner:
+    """Audio models plus the thread pool that runs them off the event loop."""
+
+    models: AudioModels
+    executor: Executor
+    use_decoder: bool = True
+
+    async def run(self, fn: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    @property
+    def lookahead(self) -> int:
+        return first_output_frames(self.models, self.use_decoder)
+
+
+async def refine_texts(engine, tok: ChatTTSTokenizer, sentences: list[str], params: list,
+                       request_id: str, max_model_len: int) -> tuple[list[str], int]:
+    """The refine-text pass for every sentence at once -> (texts, tokens used)."""
+    async def one(i: int) -> tuple[str, int]:
+        ep = refine_request(tok, sentences[i], params[i], max_model_len=max_model_len)
+        final = None
+        async for final in engine.generate(ep.prompt, ep.sampling_params, f"{request_id}-refine-{i}"):
+            pass
+        ids = list(final.outputs[0].token_ids)
+        used = len(ep.prompt["prompt_token_ids"]) + len(ids)
+        return refine_ids_to_text(tok, refine_result_ids(ids)), used
+    done = await asyncio.gather(*(one(i) for i in range(len(sentences))))
+    return [t for t, _ in done], sum(n for _, n in done)
+
+
+class Utterance:
+    """One code-pass request: frames reported so far, finished or failed."""
+
+    def __init__(self, engine, ep: EnginePrompt, request_id: str):
+        self.reader = FrameReader(ep.sink)
+        self.prompt_tokens = len(ep.prompt["prompt_token_ids"])
+        self.token_ids: list[int] = []
+        self.frames = 0
+        self.done = False
+        self.error: BaseException | None = None
+        self._changed = asyncio.Event()
+        self.task = asyncio.create_task(self._follow(engine, ep, request_id))
+
+    async def _follow(self, engine, ep: EnginePrompt, request_id: str) -> None:
+        try:
+            async for out in engine.generate(ep.prompt, ep.sampling_params, request_id):
+                self.token_ids = out.outputs[0].token_ids
+                self.frames = num_frames(self.token_ids)
+                self._changed.set()
+        except Exception as e:  # surfaced to the reader; cancellation propagates
+            self.error = e
+        finally:
+            self.done = True
+            self._changed.set()
+
+    async def wait(self, frames: int) -> None:
+        """Until `frames` frames exist or the request has ended."""
+        while True:
+            self._changed.clear()
+            if self.done or self.frames >= frames:
+                return
+            await self._changed.wait()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Frames [start, stop) (thread pool), checked against the engine's token stream."""
+        codes, hidden = self.reader.read(start, stop)
+        if not np.array_equal(codes[:, 0], np.asarray(self.token_ids[start:stop])):
+            raise RuntimeError("frame side channel out of step with the engine's token stream")
+        return codes, hidden
+
+    def close(self) -> None:
+        aborted = not self.task.done()
+        if aborted:
+            self.task.cancel()
+        self.reader.close()
+        if aborted:
+            loop = asyncio.get_running_loop()
+            for delay in LATE_CLEANUP_S:
+                loop.call_later(delay, self.reader.close)
+
+
+class SpeechJob:
+    """The sentences of one request, submitted together; audio comes back in sentence order."""
+
+    def __init__(self, engine, requests: list[EnginePrompt], request_id: str, used_tokens: int = 0):
+        self.utterances = [Utterance(engine, r, f"{request_id}-{i}") for i, r in enumerate(requests)]
+        self.used_tokens = used_tokens          # e.g. the refine pass
+
+    def usage(self) -> dict[str, int]:
+        inp = sum(u.prompt_tokens for u in self.utterances)
+        out = sum(u.frames for u in self.utterances)
+        return {"input_tokens": inp, "output_tokens": out,
+                "total_tokens": inp + out + self.used_tokens}
+
+    @property
+    def frames(self) -> int:
+        return sum(u.frames for u in self.utterances)
+
+    async def stream(self, audio: AudioRunner, cfg: StreamConfig) -> AsyncIterator[np.ndarray]:
+        """Waveform pieces as they become final: sentence 1 block by block, then sentence 2, ..."""
+        first = max(cfg.first_block, audio.lookahead)
+        for u in self.utterances:
+            dec, start, need = stream_decoder(audio.models, audio.use_decoder), 0, first
+            while True:
+                await u.wait(start + need)
+                u.check()
+                ended, stop = u.done, u.frames       # snapshot: more may arrive during the push
+                if stop > start:
+                    wav = await audio.run(self._push, u, dec, start, stop, audio.use_decoder)
+                    start, need = stop, (cfg.block if wav.size else need)
+                    if wav.size:
+                        yield wav
+                if ended:
+                    break
+            tail = await audio.run(lambda: dec.flush().float().cpu().numpy())
+            u.close()
+            if tail.size:
+                yield tail
+
+    @staticmethod
+    def _push(u: Utterance, dec, start: int, stop: int, use_decoder: bool) -> np.ndarray:
+        codes, hidden = u.read(start, stop)
+        return dec.push(frames_input(codes, hidden, use_decoder)).float().cpu().numpy()
+
+    async def waveform(self, audio: AudioRunner) -> np.ndarray:
+        """The whole audio: each sentence decoded in one shot as soon as it is complete."""
+        parts = []
+        for u in self.utterances:
+            await u.wait(float("inf"))
+            u.check()
+            parts.append(await audio.run(self._decode, u, audio))
+            u.close()
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    @staticmethod
+    @torch.inference_mode()
+    def _decode(u: Utterance, audio: AudioRunner) -> np.ndarray:
+        codes, hidden = u.read(0, u.frames)
+        return decode_utterance(audio.models, codes, hidden, audio.use_decoder)
+
+    def close(self) -> None:
+        for u in self.utterances:
+            u.close()

@@ -1,0 +1,113 @@
+"""One live `vllm serve` with the speech endpoint, shared by every serving test (a start costs ~45 s).
+
+The server runs a 2-layer random checkpoint (official layout, converted), with its own frame
+directory so the tests can see exactly which side-channel files it leaves behind.
+"""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import requests
+import soundfile as sf
+
+MODEL = "chattts"
+SR = 24000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    model_dir: Path
+    frame_dir: Path
+    log: Path
+
+    def speech(self, **body) -> requests.Response:
+        return requests.post(f"{self.url}/v1/audio/speech", json={"model": MODEL, **body}, timeout=300)
+
+    def metric(self, name: str) -> float:
+        text = requests.get(f"{self.url}/metrics", timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + "{") or line.startswith(name + " "))
+
+    def tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+
+@pytest.fixture(scope="session")
+def serving_model_dir(tmp_path_factory) -> Path:
+    from chattts_vllm.checkpoint import convert, write_random_asset
+    from tests.conftest import sharpen_heads
+
+    root = tmp_path_factory.mktemp("serving")
+    write_random_asset(root / "asset", num_layers=2, seed=3)
+    sharpen_heads(root / "asset")           # utterances end on their own after a few frames
+    return convert(root / "asset", root / "model")
+
+
+@pytest.fixture(scope="session")
+def server(serving_model_dir, tmp_path_factory):
+    from chattts_vllm.serving.cli import plugin_allowlist, vllm_serve_argv
+
+    root = tmp_path_factory.mktemp("server")
+    port, log = free_port(), root / "serve.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "CHATTTS_VLLM_FRAME_DIR": str(root / "frames"),
+           "VLLM_PLUGINS": plugin_allowlist(None), "CHATTTS_VLLM_AUDIO_THREADS": "2"}
+    argv = vllm_serve_argv(serving_model_dir, [
+        "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
+        "--served-model-name", MODEL, "--max-num-seqs", "64"])
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    srv = Server(f"http://127.0.0.1:{port}", serving_model_dir, root / "frames", log)
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None, srv.tail()
+            try:
+                if requests.get(f"{srv.url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.time() < deadline, "server did not become healthy in 300 s"
+            time.sleep(2)
+        yield srv
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def decode(data: bytes, fmt: str) -> tuple[np.ndarray, int]:
+    """Any response format -> (float32 mono samples, sample rate)."""
+    if fmt == "pcm":
+        return np.frombuffer(data, "<i2").astype(np.float32) / 32767, SR
+    try:                                # libsndfile reads Ogg Opus at its own rate (24 kHz)
+        y, sr = sf.read(io.BytesIO(data), dtype="float32")
+        return (y if y.ndim == 1 else y[:, 0]), sr
+    except sf.LibsndfileError:          # streamed FLAC/WAV without total length
+        pass
+    with av.open(io.BytesIO(data)) as c:
+        stream = c.streams.audio[0]
+        parts = [f.to_ndarray().reshape(-1)[: f.samples] for f in c.decode(stream)]
+        y = np.concatenate(parts)
+        if y.dtype.kind == "i":
+            y = y / float(np.iinfo(y.dtype).max + 1)
+        return y.astype(np.float32), stream.rate

@@ -1,0 +1,184 @@
+"""POST /v1/audio/speech on a live `vllm serve` (CPU, 2-layer random checkpoint), through the
+official `openai` client and raw HTTP: formats, streaming == non-streaming, 32 concurrent clients,
+disconnect -> abort, and every bad input -> 400 with the server still serving."""
+from __future__ import annotations
+
+import base64
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import openai
+import pytest
+import requests
+
+from chattts_vllm.audio.formats import FORMATS
+from tests.serving.conftest import MODEL, SR, decode
+
+pytestmark = pytest.mark.slow
+
+FRAMES = 60                                 # min_new_token = max_new_token: a known length
+TEXT = "Hello from the speech endpoint."
+FIXED = dict(seed=11, voice="alloy", min_new_token=FRAMES, max_new_token=FRAMES)
+
+
+def _client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=300)
+
+
+def _sse_audio(resp: requests.Response) -> tuple[bytes, dict]:
+    audio, done = b"", None
+    for line in resp.iter_lines():
+        if line.startswith(b"data: "):
+            event = json.loads(line[6:])
+            if event["type"] == "speech.audio.delta":
+                audio += base64.b64decode(event["audio"])
+            else:
+                assert event["type"] == "speech.audio.done", event
+                done = event
+    return audio, done
+
+
+def test_voices_listed(server):
+    data = requests.get(f"{server.url}/v1/audio/voices", timeout=10).json()["data"]
+    assert {"default", "alloy", "cedar"} <= {v["id"] for v in data}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_decodes_to_24khz_of_the_expected_length(server, fmt):
+    data = _client(server).audio.speech.create(
+        model=MODEL, input=TEXT, voice="alloy", response_format=fmt,
+        extra_body={k: v for k, v in FIXED.items() if k != "voice"}).content
+    y, sr = decode(data, fmt)
+    expected = FRAMES * 512 - 256
+    assert sr == SR
+    if fmt in ("wav", "pcm", "flac"):
+        assert y.shape == (expected,)
+    else:                                   # encoder delay and last-frame padding
+        assert expected <= y.shape[0] <= expected + 2048, y.shape
+
+
+def test_streamed_audio_equals_non_streamed(server):
+    body = dict(input=f"{TEXT} And a second sentence follows it.", response_format="pcm", **FIXED)
+    whole = server.speech(**body)
+    assert whole.status_code == 200, whole.text
+    ref = np.frombuffer(whole.content, "<i2")
+    assert ref.shape == (2 * (FRAMES * 512 - 256),)         # two sentences, in order
+
+    t0 = time.perf_counter()
+    with requests.post(f"{server.url}/v1/audio/speech", json={"model": MODEL, **body,
+                       "stream_format": "audio"}, stream=True, timeout=300) as r:
+        chunks = [(time.perf_counter() - t0, c) for c in r.iter_content(None) if c]
+    streamed = np.frombuffer(b"".join(c for _, c in chunks), "<i2")
+    assert len(chunks) >= 2                                  # pieces, not one body
+    assert streamed.shape == ref.shape
+    assert np.abs(streamed.astype(np.int32) - ref).max() <= 3  # <= 1e-4 after /32767
+
+    with requests.post(f"{server.url}/v1/audio/speech", json={"model": MODEL, **body,
+                       "stream_format": "sse"}, stream=True, timeout=300) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        sse, done = _sse_audio(r)
+    assert np.abs(np.frombuffer(sse, "<i2").astype(np.int32) - ref).max() <= 3
+    assert done["usage"]["output_tokens"] == 2 * FRAMES and done["usage"]["input_tokens"] > 0
+
+    wav = server.speech(**{**body, "response_format": "wav", "stream_format": "audio"}).content
+    y, sr = decode(wav, "wav")
+    assert sr == SR and np.abs(y * 32767 - ref).max() <= 3.5
+
+
+def test_32_concurrent_clients(server):
+    client = _client(server)
+
+    def one(i: int) -> int:
+        data = client.audio.speech.create(
+            model=MODEL, input=f"Client number {i} says hello.", voice=f"seed:{i}",
+            response_format="wav", extra_body={"seed": i, "min_new_token": 4, "max_new_token": 40}).content
+        y, sr = decode(data, "wav")
+        assert sr == SR and y.size > 0 and (y.size + 256) % 512 == 0
+        return y.size
+
+    with ThreadPoolExecutor(32) as pool:
+        sizes = list(pool.map(one, range(32)))
+    assert len(sizes) == 32
+
+
+def _idle(server, timeout: float = 60) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        busy = server.metric("vllm:num_requests_running") + server.metric("vllm:num_requests_waiting")
+        if busy == 0 and not any(server.frame_dir.glob("*.frames")):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+@pytest.mark.parametrize("stream_format", ["audio", "sse"])
+def test_disconnect_mid_stream_aborts_its_requests(server, stream_format):
+    assert _idle(server)
+    text = " ".join(f"Sentence number {i} is here." for i in range(12))
+    r = requests.post(f"{server.url}/v1/audio/speech", stream=True, timeout=300, json={
+        "model": MODEL, "input": text, "response_format": "pcm", "stream_format": stream_format,
+        "min_new_token": 400, "max_new_token": 400, "seed": 1})
+    assert r.status_code == 200
+    next(r.iter_content(1024))                          # the first audio is out ...
+    assert server.metric("vllm:num_requests_running") > 0
+    r.close()                                           # ... and the client goes away
+    assert _idle(server), server.tail()                 # engine requests aborted, no files left
+
+
+def test_non_streaming_disconnect_aborts_too(server):
+    assert _idle(server)
+    with pytest.raises(requests.Timeout):
+        requests.post(f"{server.url}/v1/audio/speech", timeout=3, json={
+            "model": MODEL, "input": "One long sentence that the client gives up on.",
+            "response_format": "wav", "min_new_token": 900, "max_new_token": 900})
+    assert _idle(server), server.tail()
+
+
+BAD = [
+    ("empty input", {"input": ""}, "input"),
+    ("blank input", {"input": "   \n "}, "input"),
+    ("input too long", {"input": "a" * 4097}, "input"),
+    ("unknown voice", {"voice": "nobody"}, "voice"),
+    ("malformed speaker string", {"voice": "乙乚乛乜九乞也习乡乢"}, "voice"),
+    ("bad voice object", {"voice": {"name": "alloy"}}, "voice"),
+    ("unknown format", {"response_format": "aac"}, "response_format"),
+    ("speed too low", {"speed": 0.1}, "speed"),
+    ("speed too high", {"speed": 4.5}, "speed"),
+    ("wrong model", {"model": "tts-1"}, "model"),
+    ("bad stream format", {"stream_format": "chunks"}, "stream_format"),
+    ("laugh out of range", {"instructions": "[laugh_7]"}, "instructions"),
+    ("temperature", {"temperature": -1}, "temperature"),
+]
+
+
+@pytest.mark.parametrize("name,fields,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_openai_style_400(server, name, fields, param):
+    r = requests.post(f"{server.url}/v1/audio/speech", timeout=60,
+                      json={"model": MODEL, "input": "Fine text.", **fields})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"]
+
+
+def test_non_json_body_and_openai_client_errors_then_still_serving(server):
+    for body in (b"{not json", b"[1, 2]", b""):
+        r = requests.post(f"{server.url}/v1/audio/speech", data=body, timeout=30,
+                          headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as e:
+        _client(server).audio.speech.create(model=MODEL, input="hi", voice="nobody")
+    assert e.value.status_code == 400 and e.value.param == "voice"
+    ok = server.speech(input="Still serving after all that.", response_format="wav", max_new_token=20)
+    assert ok.status_code == 200 and decode(ok.content, "wav")[1] == SR
+
+
+def test_instructions_run_the_refine_pass_and_speed_is_accepted(server):
+    r = server.speech(input="Tell me a joke.", instructions="laugh a lot, with pauses",
+                      speed=2.0, response_format="wav", stream_format="sse", seed=5, max_new_token=30)
+    assert r.status_code == 200
+    done = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: ")][-1]
+    # The refine pass's tokens count in total_tokens on top of the code pass.
+    usage = done["usage"]
+    assert usage["total_tokens"] > usage["input_tokens"] + usage["output_tokens"]
