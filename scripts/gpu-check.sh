@@ -8,7 +8,9 @@ OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 py=python3
 case "${1:-}" in
   build)
-    # The CUDA extension (csrc/) for this machine's Python and CUDA.
+    # Pure-Python extras that have no wheel (scripts/build-gpu-bundle.sh), then the CUDA extension
+    # (csrc/) for this machine's Python and CUDA.
+    [ -f .gpu-bundle/extras-py.tar.xz ] && tar xJf .gpu-bundle/extras-py.tar.xz -C /root/site312
     TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=8 $py setup.py build_ext --inplace 2>&1 | tail -5
     $py -c "import torch, chattts_vllm._C; print('ext ok', torch.ops.chattts_vllm.sample_codebooks)"
     nvidia-smi --query-gpu=name,memory.total --format=csv ;;
