@@ -24,7 +24,8 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
-COMMAND_MODULES: tuple[str, ...] = ("chattts_vllm.serving.cli",)  # synthesize, demo, serve
+COMMAND_MODULES: tuple[str, ...] = ("chattts_vllm.serving.cli",  # synthesize, demo, serve
+                                    "chattts_vllm.serving.ray_batch")  # batch
 
 
 def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]):
