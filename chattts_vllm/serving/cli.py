@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -101,6 +102,7 @@ def _voice_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instructions", default=None,
                    help="refine-pass controls, e.g. 'laugh, pauses' or '[oral_2][break_6]'")
     p.add_argument("--dvae", action="store_true", help="decode codes with the DVAE, not the Decoder")
+    p.add_argument("--min-frames", type=int, default=0, help="per sentence (min_new_token)")
     p.add_argument("--max-frames", type=int, default=None, help="cap per sentence (max_new_token)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--dtype", default="auto")
@@ -128,7 +130,7 @@ def _speak(model_dir: Path, text: str, out: Path, args: argparse.Namespace,
     if fmt not in FORMATS:
         raise ValueError(f"unknown output format {fmt!r}; use one of {', '.join(FORMATS)}")
     params = InferCodeParams(prompt=speed_prompt(args.speed), temperature=args.temperature,
-                             manual_seed=args.seed,
+                             manual_seed=args.seed, min_new_token=args.min_frames,
                              **({"max_new_token": args.max_frames} if args.max_frames else {}))
     controls = refine_prompt(args.instructions)
     engine_args = {**engine_defaults, "dtype": args.dtype}
@@ -160,7 +162,8 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
                    help="model folder (default: a 2-layer random checkpoint in the cache)")
     p.add_argument("--text", default=DEMO_TEXT)
     _voice_args(p)
-    p.set_defaults(seed=42, max_frames=300, max_model_len=1024)
+    # Random weights draw EOS early: ask for 2-4 s so the demo has something to hear.
+    p.set_defaults(seed=42, min_frames=94, max_frames=188, max_model_len=1024)
 
 
 @command("demo", "synthesize a sentence end to end (random 2-layer weights unless --model)",
@@ -225,7 +228,7 @@ def _serve(args: argparse.Namespace) -> int:
         rest = ["--served-model-name", "chattts", *rest]
     env = {**os.environ, "VLLM_PLUGINS": plugin_allowlist(os.environ.get("VLLM_PLUGINS"))}
     argv = vllm_serve_argv(model, rest)
-    print(f"VLLM_PLUGINS={env['VLLM_PLUGINS']} vllm serve {model} {' '.join(rest)}", file=sys.stderr)
+    print(f"VLLM_PLUGINS={env['VLLM_PLUGINS']} {shlex.join(argv)}", file=sys.stderr)
     sys.stdout.flush()
     os.execve(sys.executable, argv, env)
     return 0  # not reached

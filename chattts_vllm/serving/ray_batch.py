@@ -303,9 +303,13 @@ class _Pool:
 def run_batch(items: list[BatchItem], out_dir: str | os.PathLike, model_dir: str | os.PathLike, *,
               engine_kwargs: dict | None = None, num_actors: int | None = None,
               actor_options: dict | None = None, chunk_size: int = 16, max_attempts: int = 3,
-              max_restarts: int | None = None, progress: bool = True,
-              name_prefix: str | None = None) -> BatchReport:
-    """Synthesise every item not yet in the manifest on Ray actors (ray.init() first, or local)."""
+              cpus_per_actor: float = 1.0, max_restarts: int | None = None, progress: bool = True,
+              address: str | None = None, name_prefix: str | None = None) -> BatchReport:
+    """Synthesise every item not yet in the manifest on Ray actors.
+
+    Joins the Ray cluster at `address` (or the one already initialised; None: a local one) only
+    when there is work left.
+    """
     import ray
     from tqdm import tqdm
 
@@ -321,8 +325,8 @@ def run_batch(items: list[BatchItem], out_dir: str | os.PathLike, model_dir: str
         report.seconds = time.perf_counter() - t0
         return report
     if not ray.is_initialized():
-        ray.init()
-    options = actor_options or default_actor_options()
+        ray.init(address=address)
+    options = actor_options or default_actor_options(cpus_per_actor)
     n = min(num_actors or default_num_actors(options), -(-len(todo) // chunk_size))
     max_restarts = 3 * n if max_restarts is None else max_restarts
     queue = deque(todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size))
@@ -397,18 +401,14 @@ def _batch_args(p: argparse.ArgumentParser) -> None:
 
 @command("batch", "JSONL of texts -> WAVs + manifest, spread over Ray actors (resumable)", _batch_args)
 def _batch(args: argparse.Namespace) -> int:
-    import ray
-
     from chattts_vllm.serving.cli import resolve_model_dir
 
     items = read_items(args.jobs)
     model = resolve_model_dir(args.model)
-    ray.init(address=args.address)            # None: start a local cluster
-    options = default_actor_options(args.cpus_per_actor)
     report = run_batch(items, args.out_dir, model, engine_kwargs=args.engine_kwargs,
-                       num_actors=args.num_actors, actor_options=options,
+                       num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor,
                        chunk_size=args.chunk_size, max_attempts=args.max_attempts,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, address=args.address)
     for item_id, err in report.failed.items():
         print(f"failed: {item_id}: {err}", file=sys.stderr)
     print(f"{report.written} written, {report.skipped} already done, {len(report.failed)} failed, "

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,9 @@ import soundfile as sf
 
 MODEL = "chattts"
 SR = 24000
+# The console script, as users run it (`python -m chattts_vllm.cli` sees only the built-in commands:
+# the registry then lives in __main__, not in the chattts_vllm.cli module the others register in).
+CLI = str(Path(sys.executable).with_name("chattts-vllm"))
 
 
 def free_port() -> int:
@@ -62,15 +66,16 @@ def serving_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(serving_model_dir, tmp_path_factory):
-    from chattts_vllm.serving.cli import plugin_allowlist, vllm_serve_argv
-
+    """`chattts-vllm serve DIR ...`: the wrapper sets VLLM_PLUGINS and execs `vllm serve`."""
     root = tmp_path_factory.mktemp("server")
     port, log = free_port(), root / "serve.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "CHATTTS_VLLM_FRAME_DIR": str(root / "frames"),
-           "VLLM_PLUGINS": plugin_allowlist(None), "CHATTTS_VLLM_AUDIO_THREADS": "2"}
-    argv = vllm_serve_argv(serving_model_dir, [
-        "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
-        "--served-model-name", MODEL, "--max-num-seqs", "64"])
+           "CHATTTS_VLLM_AUDIO_THREADS": "2"}
+    env.pop("VLLM_PLUGINS", None)
+    argv = [CLI, "serve", str(serving_model_dir),
+            "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
+            "--served-model-name", MODEL, "--max-num-seqs", "64",
+            "--enable-log-requests", "--max-log-len", "8"]
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)

@@ -116,6 +116,7 @@ def _idle(server, timeout: float = 60) -> bool:
 @pytest.mark.parametrize("stream_format", ["audio", "sse"])
 def test_disconnect_mid_stream_aborts_its_requests(server, stream_format):
     assert _idle(server)
+    aborted = server.tail(10**7).count(" aborted.")
     text = " ".join(f"Sentence number {i} is here." for i in range(12))
     r = requests.post(f"{server.url}/v1/audio/speech", stream=True, timeout=300, json={
         "model": MODEL, "input": text, "response_format": "pcm", "stream_format": stream_format,
@@ -124,16 +125,19 @@ def test_disconnect_mid_stream_aborts_its_requests(server, stream_format):
     next(r.iter_content(1024))                          # the first audio is out ...
     assert server.metric("vllm:num_requests_running") > 0
     r.close()                                           # ... and the client goes away
-    assert _idle(server), server.tail()                 # engine requests aborted, no files left
+    assert _idle(server), server.tail()                 # engine requests gone, no files left
+    assert server.tail(10**7).count(" aborted.") > aborted   # gone by abort, not by finishing
 
 
 def test_non_streaming_disconnect_aborts_too(server):
     assert _idle(server)
+    aborted = server.tail(10**7).count(" aborted.")
     with pytest.raises(requests.Timeout):
         requests.post(f"{server.url}/v1/audio/speech", timeout=3, json={
             "model": MODEL, "input": "One long sentence that the client gives up on.",
             "response_format": "wav", "min_new_token": 900, "max_new_token": 900})
     assert _idle(server), server.tail()
+    assert server.tail(10**7).count(" aborted.") > aborted
 
 
 BAD = [
