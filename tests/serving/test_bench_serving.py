@@ -1,0 +1,29 @@
+"""benchmarks/bench_serving.py runs a tiny sweep against the live test server and writes its JSON
+and plot."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_serving.py"
+
+
+def test_bench_serving_smoke(server, tmp_path):
+    r = subprocess.run([sys.executable, str(BENCH), server.url, "--concurrency", "1", "4",
+                        "--rounds", "1", "--tag", "smoke", "--out-dir", str(tmp_path),
+                        "--min-new-token", "60", "--max-new-token", "60"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (result,) = tmp_path.glob("serving-*-smoke.json")
+    data = json.loads(result.read_text())
+    assert data["card"] and data["date"] and result.with_suffix(".png").is_file()
+    assert [row["concurrency"] for row in data["rows"]] == [1, 4]
+    for row in data["rows"]:
+        assert row["errors"] == 0 and row["ttfa_p50_ms"] > 0 and row["ttfa_p99_ms"] >= row["ttfa_p50_ms"]
+        assert row["audio_s_per_s"] > 0
