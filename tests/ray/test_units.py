@@ -1,0 +1,112 @@
+"""Ray scale-out pieces that need no engine: input checks, manifest recovery, re-queueing, and the
+Serve deployment options (GPU, tensor parallel, data parallel, autoscaling)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import deque
+
+import numpy as np
+import pytest
+
+from chattts_vllm.serving.ray_batch import (BatchItem, BatchReport, Manifest, _requeue, parse_item,
+                                            read_items, wav_name, write_atomic)
+
+
+def test_wav_names_are_safe_and_distinct():
+    assert wav_name("utt-01") == "utt-01.wav"
+    odd = [wav_name(x) for x in ("../etc/passwd", "a b", "a_b", ".hidden", "x" * 300)]
+    assert all("/" not in n and not n.startswith(".") and len(n) < 100 for n in odd)
+    assert wav_name("a b") != wav_name("a_b")
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{", "not valid JSON"),
+    ('{"text": "hi"}', "'id'"),
+    ('{"id": 1}', "'text'"),
+    ('{"id": 1, "text": "hi", "speed": 9}', "speed"),
+    ('{"id": 1, "text": "   "}', "input is empty"),
+    ('{"id": 1, "text": "hi", "min_new_token": 9, "max_new_token": 3}', "min_new_token"),
+])
+def test_bad_lines_fail_with_the_endpoint_messages(line, message):
+    with pytest.raises(ValueError, match=message):
+        parse_item(line, 7)
+
+
+def test_items_keep_request_fields_and_reject_duplicate_ids(tmp_path):
+    p = tmp_path / "jobs.jsonl"
+    p.write_text('{"id": "a", "text": "Hi.", "voice": "seed:3", "seed": 5, "speed": 2}\n\n'
+                 '{"id": 7, "text": "Yo."}\n')
+    a, b = read_items(p)
+    assert (a.id, a.request.voice_spec, a.request.seed, a.request.speed) == ("a", "seed:3", 5, 2.0)
+    assert (b.id, b.request.voice) == ("7", "default")
+    p.write_text('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n')
+    with pytest.raises(ValueError, match="duplicate id"):
+        read_items(p)
+
+
+def test_manifest_keeps_one_valid_line_per_id(tmp_path):
+    from chattts_vllm.audio.formats import encode_audio
+
+    data = encode_audio(np.zeros(480, np.float32), "wav")
+    write_atomic(tmp_path / "a.wav", data)
+    good = {"id": "a", "path": "a.wav", "duration": 0.02, "sample_rate": 24000,
+            "sha256": hashlib.sha256(data).hexdigest()}
+    (tmp_path / "b.wav").write_bytes(data[:50])
+    lines = [good, {**good, "id": "b", "path": "b.wav"}, {**good, "id": "c", "path": "c.wav"}, good]
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"id"')
+    m = Manifest(tmp_path)
+    assert m.load() == {"a": good}
+    assert (tmp_path / "manifest.jsonl").read_text() == json.dumps(good) + "\n"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_dead_actor_chunk_is_requeued_item_by_item_until_given_up():
+    queue, report = deque([[BatchItem("later", None)]]), BatchReport(total=4)
+    chunk = [BatchItem("x", None), BatchItem("y", None, attempts=2), BatchItem("z", None)]
+    _requeue(queue, chunk, 3, report, RuntimeError("gone"))
+    assert [[it.id for it in c] for c in queue] == [["x"], ["z"], ["later"]]   # first, one by one
+    assert [c[0].attempts for c in queue] == [1, 1, 0]
+    assert list(report.failed) == ["y"]                                        # its 3rd death
+
+
+def test_batch_command_is_registered():
+    from chattts_vllm.cli import build_parser
+
+    args = build_parser().parse_args(["batch", "j.jsonl", "out", "--model", "m", "--num-actors", "2",
+                                      "--engine-kwargs", '{"max_model_len": 2048}'])
+    assert (args.command, args.num_actors, args.engine_kwargs) == ("batch", 2, {"max_model_len": 2048})
+
+
+# -- Serve deployment options ---------------------------------------------------------------------
+
+def _opts(**args):
+    pytest.importorskip("ray.serve")
+    from chattts_vllm.serving.ray_app import engine_deployment_options
+
+    return engine_deployment_options(args)
+
+
+def test_one_gpu_or_one_cpu_per_replica():
+    assert _opts(use_gpu=True)["ray_actor_options"]["num_gpus"] == 1
+    cpu = _opts(use_gpu=False, num_replicas=2)
+    assert cpu["ray_actor_options"]["num_cpus"] == 1 and "num_gpus" not in cpu["ray_actor_options"]
+    assert cpu["num_replicas"] == 2
+
+
+def test_autoscaling_replaces_num_replicas():
+    auto = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
+    o = _opts(use_gpu=True, autoscaling_config=auto)
+    assert o["autoscaling_config"] == auto and "num_replicas" not in o
+
+
+def test_tensor_parallel_on_rays_executor_gets_a_placement_group():
+    o = _opts(use_gpu=True, engine_kwargs={"tensor_parallel_size": 2,
+                                           "distributed_executor_backend": "ray"})
+    assert o["ray_actor_options"]["num_gpus"] == 0
+    assert o["placement_group_bundles"] == [{"GPU": 1, "CPU": 2}, {"GPU": 1, "CPU": 1}]
+
+
+def test_data_parallel_on_ray_leaves_gpus_to_vllm():
+    o = _opts(use_gpu=True, engine_kwargs={"data_parallel_size": 2, "data_parallel_backend": "ray"})
+    assert o["ray_actor_options"]["num_gpus"] == 0 and "placement_group_bundles" not in o
