@@ -149,7 +149,10 @@ def main() -> None:
                         "ttfa = first audio byte; rtf = request wall time / its audio seconds; "
                         "audio_s_per_s = all audio seconds / level wall time")
     (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(rows, f"ChatTTS /v1/audio/speech on {card} ({date})", args.out_dir / f"{stem}.png")
+    try:
+        plot(rows, f"ChatTTS /v1/audio/speech on {card} ({date})", args.out_dir / f"{stem}.png")
+    except ImportError:                              # a GPU box without matplotlib: JSON only
+        print("matplotlib not installed: no plot")
 
     print(f"\n{'conc':>5} {'reqs':>5} {'err':>4} {'ttfa p50':>9} {'ttfa p99':>9} {'rtf p50':>8} "
           f"{'audio s/s':>10}")
