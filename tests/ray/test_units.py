@@ -110,3 +110,28 @@ def test_tensor_parallel_on_rays_executor_gets_a_placement_group():
 def test_data_parallel_on_ray_leaves_gpus_to_vllm():
     o = _opts(use_gpu=True, engine_kwargs={"data_parallel_size": 2, "data_parallel_backend": "ray"})
     assert o["ray_actor_options"]["num_gpus"] == 0 and "placement_group_bundles" not in o
+
+
+def test_serve_config_is_valid_and_autoscales():
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    pytest.importorskip("ray.serve")
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = yaml.safe_load((Path(__file__).parents[2] / "configs" / "ray-serve.yaml").read_text())
+    app = ServeDeploySchema.model_validate(cfg).applications[0]
+    module, fn = app.import_path.split(":")
+    assert getattr(importlib.import_module(module), fn).__name__ == "build_app"
+    o = _opts(**{**app.args, "use_gpu": True})
+    auto = o["autoscaling_config"]
+    assert auto["min_replicas"] < auto["max_replicas"]
+    assert auto["target_ongoing_requests"] < o["max_ongoing_requests"]
+    assert o["ray_actor_options"]["num_gpus"] == 1
+    from ray import serve
+
+    from chattts_vllm.serving.ray_app import SpeechEngine
+
+    serve.deployment(SpeechEngine, name="SpeechEngine", **o)      # Serve accepts the options
