@@ -11,6 +11,10 @@ case "${1:-}" in
     # Pure-Python extras that have no wheel (scripts/build-gpu-bundle.sh), then the CUDA extension
     # (csrc/) for this machine's Python and CUDA.
     [ -f .gpu-bundle/extras-py.tar.xz ] && tar xJf .gpu-bundle/extras-py.tar.xz -C /root/site312
+    # vLLM finds plugins through entry points: a dist-info on PYTHONPATH is enough.
+    di=/root/site312/chattts_vllm-0.1.0.dist-info; mkdir -p $di
+    printf 'Metadata-Version: 2.1\nName: chattts-vllm\nVersion: 0.1.0\n' > $di/METADATA
+    printf '[vllm.general_plugins]\nchattts = chattts_vllm:register\n\n[vllm.endpoint_plugins]\nchattts_speech = chattts_vllm.serving.speech:SpeechPlugin\n' > $di/entry_points.txt
     TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=8 $py setup.py build_ext --inplace 2>&1 | tail -5
     $py -c "import torch, chattts_vllm._C; print('ext ok', torch.ops.chattts_vllm.sample_codebooks)"
     nvidia-smi --query-gpu=name,memory.total --format=csv ;;
@@ -21,8 +25,10 @@ case "${1:-}" in
   decoder)
     $py benchmarks/bench_decoder.py 2>&1 | tee "$OUT/bench-decoder.log" | tail -20 ;;
   mrv2)
-    $py -m pytest -q -x -m gpu tests/gpu/test_mrv2.py 2>&1 | tee "$OUT/pytest-mrv2.log" \
-      | grep -v "INFO\|it/s" | tail -30 ;;
+    # -s and a timeout below the call limit, so a hang still leaves its log in $OUT.
+    timeout "${MRV2_TIMEOUT:-480}" $py -m pytest -s -x -m gpu tests/gpu/test_mrv2.py ${PYTEST_K:+-k "$PYTEST_K"} \
+      > "$OUT/pytest-mrv2.log" 2>&1; echo "pytest exit $?"
+    grep -v "it/s\]" "$OUT/pytest-mrv2.log" | grep -v " INFO " | tail -40 ;;
   throughput)
     shift; $py benchmarks/bench_throughput.py "$@" 2>&1 | tee "$OUT/bench-throughput.log" \
       | grep -v "INFO\|it/s\]" | tail -25 ;;
