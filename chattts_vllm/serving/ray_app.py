@@ -39,6 +39,7 @@ from ray.serve.handle import DeploymentHandle
 
 from chattts_vllm.audio.formats import MEDIA_TYPES, encode_audio
 from chattts_vllm.serving.protocol import SpeechError, SpeechRequest, parse_speech_request
+from chattts_vllm.serving.service import Prepared
 from chattts_vllm.serving.speech import _ClosingStream, _encoded, _server_error
 from chattts_vllm.text.speaker import VOICES
 
@@ -92,12 +93,17 @@ class SpeechEngine:
     def _headers(self, **extra: str) -> dict[str, str]:
         return {REPLICA_HEADER: self.replica_id, **extra}
 
-    async def speech(self, req: SpeechRequest) -> Reply:
-        """The whole file (no `stream_format`), as serving/speech.py's `_respond` makes it."""
+    async def _prepare(self, req: SpeechRequest) -> Prepared | Reply:
         try:
-            prepared = await self.service.prepare(req, f"speech-{uuid.uuid4().hex}")
+            return await self.service.prepare(req, f"speech-{uuid.uuid4().hex}")
         except SpeechError as e:
             return Reply.error(e, self._headers())
+
+    async def speech(self, req: SpeechRequest) -> Reply:
+        """The whole file (no `stream_format`), as serving/speech.py's `_respond` makes it."""
+        prepared = await self._prepare(req)
+        if isinstance(prepared, Reply):
+            return prepared
         job = self.service.start(prepared)
         try:
             wav = await job.waveform(self.service.audio)
@@ -112,10 +118,9 @@ class SpeechEngine:
 
     async def speech_stream(self, req: SpeechRequest) -> AsyncIterator[Reply | bytes]:
         """A `Reply` head (or the error), then the audio bytes / SSE events of `_encoded`."""
-        try:
-            prepared = await self.service.prepare(req, f"speech-{uuid.uuid4().hex}")
-        except SpeechError as e:
-            yield Reply.error(e, self._headers())
+        prepared = await self._prepare(req)
+        if isinstance(prepared, Reply):
+            yield prepared
             return
         sse = req.stream_format == "sse"
         yield Reply(200, "text/event-stream" if sse else MEDIA_TYPES[req.response_format],
@@ -257,7 +262,8 @@ def engine_deployment_options(args: dict) -> dict:
     opts: dict = {"max_ongoing_requests": int(args.get("max_ongoing_requests", 32)),
                   "health_check_period_s": float(args.get("health_check_period_s", 10)),
                   "graceful_shutdown_timeout_s": float(args.get("graceful_shutdown_timeout_s", 30))}
-    gpus = _cluster_has_gpus() if args.get("use_gpu") is None else bool(args["use_gpu"])
+    use_gpu = args.get("use_gpu")          # `serve run ... use_gpu=false` passes a string
+    gpus = _cluster_has_gpus() if use_gpu is None else str(use_gpu).lower() in ("1", "true", "yes")
     if kw.get("data_parallel_backend") == "ray" and int(kw.get("data_parallel_size", 1)) > 1:
         actor.setdefault("num_cpus", 1)
         actor["num_gpus"] = 0

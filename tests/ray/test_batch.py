@@ -51,7 +51,7 @@ def _interrupted_run(out):
     return data
 
 
-def test_actor_killed_mid_run_still_gives_every_id_once(ray_cluster, ray_model_dir, tmp_path):
+def test_actor_killed_mid_run_still_gives_every_id_once(ray_cluster, serving_model_dir, tmp_path):
     from chattts_vllm.serving.ray_batch import read_items, run_batch
 
     ray = ray_cluster
@@ -66,7 +66,7 @@ def test_actor_killed_mid_run_still_gives_every_id_once(ray_cluster, ray_model_d
 
     def run():
         try:
-            reports.append(run_batch(items, out, ray_model_dir, engine_kwargs=ENGINE_KWARGS,
+            reports.append(run_batch(items, out, serving_model_dir, engine_kwargs=ENGINE_KWARGS,
                                      num_actors=2, actor_options={"num_cpus": 1}, chunk_size=2,
                                      progress=False, name_prefix="test-batch"))
         except BaseException as e:  # surfaced below
@@ -99,5 +99,5 @@ def test_actor_killed_mid_run_still_gives_every_id_once(ray_cluster, ray_model_d
     assert (out / entries[ids.index("done before")]["path"]).read_bytes() == before  # not redone
     assert not list(out.glob(".*.tmp"))
 
-    again = run_batch(items, out, ray_model_dir, progress=False)   # resumable: nothing left
+    again = run_batch(items, out, serving_model_dir, progress=False)   # resumable: nothing left
     assert (again.skipped, again.written, again.actor_restarts) == (N + 1, 0, 0)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,6 +19,7 @@ import pytest
 import soundfile as sf
 
 from tests.ray.conftest import ENGINE_KWARGS, SR
+from tests.serving.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -29,21 +29,15 @@ TEXT = "Hello from Ray Serve."
 HEADER = "x-replica-id"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def speech_url(ray_cluster, ray_model_dir):
+def speech_url(ray_cluster, serving_model_dir):
     from ray import serve
 
     from chattts_vllm.serving.ray_app import build_app
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"model": str(ray_model_dir), "served_model_name": MODEL, "num_replicas": 2,
+    app = build_app({"model": str(serving_model_dir), "served_model_name": MODEL, "num_replicas": 2,
                      "use_gpu": False, "engine_kwargs": ENGINE_KWARGS, "health_check_period_s": 2,
                      "ingress": {"max_attempts": 5, "retry_delay_s": 0.5}})
     serve.run(app, name="chattts", route_prefix="/")

@@ -92,6 +92,7 @@ def test_one_gpu_or_one_cpu_per_replica():
     cpu = _opts(use_gpu=False, num_replicas=2)
     assert cpu["ray_actor_options"]["num_cpus"] == 1 and "num_gpus" not in cpu["ray_actor_options"]
     assert cpu["num_replicas"] == 2
+    assert "num_gpus" not in _opts(use_gpu="false", num_replicas="2")["ray_actor_options"]  # CLI
 
 
 def test_autoscaling_replaces_num_replicas():
