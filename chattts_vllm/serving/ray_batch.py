@@ -61,6 +61,7 @@ def wav_name(item_id: str) -> str:
 
 def parse_item(line: str, lineno: int) -> BatchItem:
     """A JSONL line -> BatchItem, with the speech endpoint's validation (ValueError if bad)."""
+    from chattts_vllm.serving.controls import refine_prompt
     from chattts_vllm.serving.protocol import SpeechError, parse_speech_request
 
     try:
@@ -77,6 +78,7 @@ def parse_item(line: str, lineno: int) -> BatchItem:
     try:
         req = parse_speech_request(json.dumps(body).encode(), [MODEL_NAME])
         infer_params(req)                      # e.g. min_new_token > max_new_token
+        refine_prompt(req.instructions)        # e.g. [laugh_5]
     except SpeechError as e:
         raise ValueError(f"line {lineno} (id {data['id']}): {e.message}") from None
     except ValueError as e:
@@ -193,7 +195,12 @@ class SynthesisWorker:
         return os.getpid()
 
     def run(self, items: list[BatchItem]) -> list[dict]:
-        """One result per item: a manifest entry, or `{"id", "error"}` for an item that failed."""
+        """One result per item: a manifest entry, or `{"id", "error"}` for an item that failed.
+
+        A dead engine raises instead, so the driver replaces this actor and re-queues the chunk.
+        """
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         from chattts_vllm.serving.controls import refine_prompt
 
         groups: dict[tuple, list[BatchItem]] = {}
@@ -204,10 +211,14 @@ class SynthesisWorker:
         for (controls, seed), group in groups.items():
             try:
                 results += self._synthesize(group, controls, seed)
+            except EngineDeadError:
+                raise
             except Exception:                 # find the bad item(s): one at a time
                 for it in group:
                     try:
                         results += self._synthesize([it], controls, seed)
+                    except EngineDeadError:
+                        raise
                     except Exception as e:
                         results.append({"id": it.id, "error": f"{type(e).__name__}: {e}"})
         return results
@@ -346,7 +357,8 @@ def run_batch(items: list[BatchItem], out_dir: str | os.PathLike, model_dir: str
             slot, chunk = inflight.pop(ref)
             try:
                 results = ray.get(ref)
-            except ray.exceptions.RayActorError as e:
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                # the actor died, or raised (its engine died): replace it, re-queue its chunk
                 _requeue(queue, chunk, max_attempts, report, e)
                 report.actor_restarts += 1
                 if report.actor_restarts > max_restarts:
@@ -375,7 +387,7 @@ def _requeue(queue: deque, chunk: list[BatchItem], max_attempts: int, report: Ba
     for it in reversed(chunk):
         it = BatchItem(it.id, it.request, it.attempts + 1)
         if it.attempts >= max_attempts:
-            report.failed[it.id] = f"its actor died {it.attempts} times ({type(cause).__name__})"
+            report.failed[it.id] = f"its actor failed {it.attempts} times ({type(cause).__name__})"
         else:
             queue.appendleft([it])
 

@@ -27,6 +27,7 @@ def test_wav_names_are_safe_and_distinct():
     ('{"id": 1, "text": "hi", "speed": 9}', "speed"),
     ('{"id": 1, "text": "   "}', "input is empty"),
     ('{"id": 1, "text": "hi", "min_new_token": 9, "max_new_token": 3}', "min_new_token"),
+    ('{"id": 1, "text": "hi", "instructions": "[laugh_5]"}', "out of range"),
 ])
 def test_bad_lines_fail_with_the_endpoint_messages(line, message):
     with pytest.raises(ValueError, match=message):

@@ -1,0 +1,71 @@
+"""The batch driver against fake workers (no engine, a few seconds): an actor that exits mid-chunk, an
+engine that dies, an item that kills every actor it lands on, and an item that fails on its own."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import soundfile as sf
+
+from chattts_vllm.serving import ray_batch
+from chattts_vllm.serving.ray_batch import SynthesisWorker, parse_item, run_batch
+
+
+def _fake_worker():
+    """Defined in a function so Ray ships it by value to its workers."""
+
+    class FakeWorker(SynthesisWorker):
+        def __init__(self, model_dir: str, out_dir: str, engine_kwargs: dict):
+            from pathlib import Path
+
+            self.out_dir = Path(out_dir)
+
+        def _synthesize(self, items, controls, seed):
+            import hashlib
+
+            from vllm.v1.engine.exceptions import EngineDeadError
+
+            from chattts_vllm.audio.formats import encode_audio
+
+            out = []
+            for it in items:
+                once = self.out_dir / f"once-{it.id}"
+                if it.id == "exit-once" and not once.exists():
+                    once.touch()
+                    os._exit(1)                        # the actor process dies mid-chunk
+                if it.id == "engine-dies-once" and not once.exists():
+                    once.touch()
+                    raise EngineDeadError()
+                if it.id == "poison":
+                    os._exit(1)
+                if it.id == "bad":
+                    raise ValueError("no sayable text")
+                data = encode_audio(np.full(480, 0.1, np.float32), "wav")
+                ray_batch.write_atomic(self.out_dir / ray_batch.wav_name(it.id), data)
+                out.append({"id": it.id, "path": ray_batch.wav_name(it.id), "duration": 0.02,
+                            "sample_rate": 24000, "sha256": hashlib.sha256(data).hexdigest()})
+            return out
+
+    return FakeWorker
+
+
+def test_driver_requeues_restarts_and_gives_up(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.setattr(ray_batch, "SynthesisWorker", _fake_worker())
+    ids = [f"ok-{i}" for i in range(8)] + ["exit-once", "engine-dies-once", "poison", "bad"]
+    items = [parse_item(json.dumps({"id": i, "text": "Hi."}), n) for n, i in enumerate(ids)]
+    report = run_batch(items, tmp_path, tmp_path, num_actors=2, actor_options={"num_cpus": 0},
+                       chunk_size=3, max_attempts=2, progress=False)
+    assert set(report.failed) == {"poison", "bad"}
+    assert "ValueError: no sayable text" in report.failed["bad"]
+    # chunks of 3: [.., ok-7, exit-once] dies; [engine-dies-once, poison, bad] raises
+    # EngineDeadError (all three re-queued one by one); poison then kills its actor once more
+    assert report.actor_restarts == 3
+    entries = [json.loads(x) for x in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(e["id"] for e in entries) == sorted(set(ids) - {"poison", "bad"})
+    for e in entries:
+        assert sf.info(str(tmp_path / e["path"])).samplerate == 24000
+
+    again = run_batch(items, tmp_path, tmp_path, num_actors=2, actor_options={"num_cpus": 0},
+                      chunk_size=3, max_attempts=2, progress=False)
+    assert (again.skipped, again.written, set(again.failed)) == (10, 0, {"poison", "bad"})
