@@ -11,6 +11,14 @@ MODEL_CLASS = "chattts_vllm.gpt.model:ChatTTSForCausalLM"
 
 
 def register() -> None:
+    import os
+
+    if os.environ.get("CHATTTS_VLLM_DUMP_STACKS_AFTER"):
+        # Debug aid for hangs: every vLLM process (front end, engine core, workers) prints its
+        # Python stacks after this many seconds, and again at the same interval.
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["CHATTTS_VLLM_DUMP_STACKS_AFTER"]), repeat=True)
     from transformers import AutoConfig
     from vllm import ModelRegistry
 
