@@ -28,10 +28,17 @@ def test_mrv2_codes_match_cpu_reference(gpu_model):
     assert module == "vllm.v1.worker.gpu.model_runner" and state == "ChatTTSModelState", (module, state)
     ref = np.load(REFERENCE)
     got = tts.infer_code(TEXTS, params(), voices=VOICES)
+    report = []
     for i, r in enumerate(got):
-        np.testing.assert_array_equal(r.codes, ref[f"codes_{i}"], err_msg=f"prompt {i}")
+        want = ref[f"codes_{i}"]
+        n = min(len(want), r.num_frames)
+        diff = np.nonzero((r.codes[:n] != want[:n]).any(1))[0]
         h = ref[f"hidden_{i}"]
-        assert np.abs(r.hidden[:8] - h).max() / np.abs(h).max() < 1e-3
+        report.append((i, r.num_frames, len(want), diff[:3].tolist(),
+                       float(np.abs(r.hidden[:8] - h).max() / np.abs(h).max())))
+    print("MRV2 PARITY", report)
+    for i, n_got, n_want, diff, rel in report:
+        assert n_got == n_want and not diff and rel < 1e-3, report
 
 
 def test_mrv2_seeded_solo_equals_batch_of_256(gpu_model):
