@@ -123,6 +123,10 @@ def test_disconnect_mid_stream_aborts_its_requests(server, stream_format):
         "min_new_token": 400, "max_new_token": 400, "seed": 1})
     assert r.status_code == 200
     next(r.iter_content(1024))                          # the first audio is out ...
+    # The gauge is published once per engine step: poll briefly rather than read once.
+    deadline = time.time() + 10
+    while server.metric("vllm:num_requests_running") == 0 and time.time() < deadline:
+        time.sleep(0.1)
     assert server.metric("vllm:num_requests_running") > 0
     r.close()                                           # ... and the client goes away
     assert _idle(server), server.tail()                 # engine requests gone, no files left
