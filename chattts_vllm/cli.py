@@ -121,4 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m`, this file runs as __main__ while command modules register into the
+    # importable chattts_vllm.cli: dispatch through that one registry.
+    from chattts_vllm.cli import main as _main
+
+    sys.exit(_main())
