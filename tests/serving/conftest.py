@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import io
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,17 +17,13 @@ import pytest
 import requests
 import soundfile as sf
 
+from tests.live_server import free_port, live_server
+
 MODEL = "chattts"
 SR = 24000
 # The console script, as users run it (`python -m chattts_vllm.cli` sees only the built-in commands:
 # the registry then lives in __main__, not in the chattts_vllm.cli module the others register in).
 CLI = str(Path(sys.executable).with_name("chattts-vllm"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -76,28 +68,9 @@ def server(serving_model_dir, tmp_path_factory):
             "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
             "--served-model-name", MODEL, "--max-num-seqs", "64",
             "--enable-log-requests", "--max-log-len", "8"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
     srv = Server(f"http://127.0.0.1:{port}", serving_model_dir, root / "frames", log)
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, srv.tail()
-            try:
-                if requests.get(f"{srv.url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.time() < deadline, "server did not become healthy in 300 s"
-            time.sleep(2)
+    with live_server(argv, env, log, f"{srv.url}/health"):
         yield srv
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def decode(data: bytes, fmt: str) -> tuple[np.ndarray, int]:
