@@ -120,14 +120,11 @@ def test_disconnect_mid_stream_aborts_its_requests(server, stream_format):
     text = " ".join(f"Sentence number {i} is here." for i in range(12))
     r = requests.post(f"{server.url}/v1/audio/speech", stream=True, timeout=300, json={
         "model": MODEL, "input": text, "response_format": "pcm", "stream_format": stream_format,
-        "min_new_token": 400, "max_new_token": 400, "seed": 1})
+        "min_new_token": 1000, "max_new_token": 1000, "seed": 1})
     assert r.status_code == 200
     next(r.iter_content(1024))                          # the first audio is out ...
-    # The gauge is published once per engine step: poll briefly rather than read once.
-    deadline = time.time() + 10
-    while server.metric("vllm:num_requests_running") == 0 and time.time() < deadline:
-        time.sleep(0.1)
-    assert server.metric("vllm:num_requests_running") > 0
+    # (The running-requests gauge is published on vLLM's stats interval, so it cannot show
+    # "still running" reliably here; the abort lines below prove the requests were running.)
     r.close()                                           # ... and the client goes away
     assert _idle(server), server.tail()                 # engine requests gone, no files left
     assert server.tail(10**7).count(" aborted.") > aborted   # gone by abort, not by finishing
@@ -138,8 +135,9 @@ def test_non_streaming_disconnect_aborts_too(server):
     aborted = server.tail(10**7).count(" aborted.")
     with pytest.raises(requests.Timeout):
         requests.post(f"{server.url}/v1/audio/speech", timeout=3, json={
-            "model": MODEL, "input": "One long sentence that the client gives up on.",
-            "response_format": "wav", "min_new_token": 900, "max_new_token": 900})
+            "model": MODEL, "response_format": "wav", "min_new_token": 1000, "max_new_token": 1000,
+            # 12 sentences x 1000 frames: generation outlasts the client's 3 s on any load
+            "input": " ".join(f"Sentence {i} that the client gives up on." for i in range(12))})
     assert _idle(server), server.tail()
     assert server.tail(10**7).count(" aborted.") > aborted
 
