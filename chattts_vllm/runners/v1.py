@@ -96,7 +96,6 @@ class V1BatchState:
     def __init__(self) -> None:
         self.rows: dict[int, RequestFrames] = {}
         self.parked: OrderedDict[str, np.ndarray] = OrderedDict()
-        self.num_reqs = 0
 
     # -- batch bookkeeping -------------------------------------------------------------------
     def update(self, batch_update: BatchUpdate | None) -> None:
@@ -117,7 +116,6 @@ class V1BatchState:
                 self.rows[src] = b
             elif b is not None:
                 b.close()
-        self.num_reqs = batch_update.batch_size
 
     def _make_state(self, params: SamplingParams, prompt_ids: list[int],
                     output_ids: list[int]) -> RequestFrames | None:
