@@ -2,7 +2,7 @@
 
 Fields follow OpenAI's API; `temperature`, `top_p`, `top_k`, `repetition_penalty`, `seed`,
 `min_new_token` and `max_new_token` (frames per sentence) are ChatTTS extras, with upstream's
-defaults (the `openai` client sends them through `extra_body`). Parsing is done by hand from the raw body, so a
+defaults, and `stream_first_chunk_frames` a streaming extra (the `openai` client sends them through `extra_body`). Parsing is done by hand from the raw body, so a
 non-JSON body, a wrong type and an unknown format all come back as the same 400 error shape instead
 of FastAPI's 422 validation report.
 """
@@ -59,6 +59,11 @@ class SpeechRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     min_new_token: int = Field(default=0, ge=0)
     max_new_token: int = Field(default=2048, ge=1)
+    # Streaming only: frames of the first sentence before an early first chunk (decoded with the
+    # right context that exists; everything after it and a 43 ms crossfade is exact). 0: exact
+    # stream, first audio after the decoders' lookahead (53 frames); None: the server's default
+    # (CHATTTS_VLLM_STREAM_FIRST_CHUNK_FRAMES, 0 unless set).
+    stream_first_chunk_frames: int | None = Field(default=None, ge=0, le=4096)
 
     @property
     def voice_spec(self) -> str | dict:

@@ -44,6 +44,7 @@ class Prepared:
     requests: list[EnginePrompt]
     refine_tokens: int
     request_id: str
+    first_chunk_frames: int | None = None     # streaming: overrides the server's StreamConfig
 
 
 class SpeechService:
@@ -112,8 +113,9 @@ class SpeechService:
             raise SpeechError(str(e), "input", "empty_input") from None
         except prompt.TextTooLongError as e:
             raise SpeechError(str(e), "input", "input_too_long") from None
-        return Prepared(reqs, used, request_id)
+        return Prepared(reqs, used, request_id, req.stream_first_chunk_frames)
 
     def start(self, prepared: Prepared) -> SpeechJob:
         """Submit every sentence to the engine now (call from the task that will read them)."""
-        return SpeechJob(self.engine, prepared.requests, prepared.request_id, prepared.refine_tokens)
+        return SpeechJob(self.engine, prepared.requests, prepared.request_id, prepared.refine_tokens,
+                         prepared.first_chunk_frames)

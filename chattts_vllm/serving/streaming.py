@@ -4,7 +4,10 @@
 them back in order. Each `Utterance` iterates `engine_client.generate(...)` in its own task, so all
 sentences progress while the caller is still on the first; the caller reads frames [start, stop)
 from the side channel once the engine has reported them. Decoder, Vocos and side-channel reads run
-in a thread pool, never on the event loop.
+in a thread pool, never on the event loop. The stream equals the one-shot decode unless the
+low-latency first chunk is asked for (`StreamConfig.first_chunk_frames`, request field
+`stream_first_chunk_frames`): sentence 1 then starts after F frames instead of the decoders'
+53-frame lookahead, with audio that is exact only after that first chunk and a 43 ms crossfade.
 
 Cleanup is synchronous (`SpeechJob.close`), because it runs inside a cancelled scope when a client
 disconnects: it cancels the request tasks (AsyncLLM aborts a request whose `generate` is cancelled)
@@ -17,7 +20,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -35,15 +38,54 @@ LATE_CLEANUP_S = (2.0, 10.0, 60.0)
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """Frames per decoder push. The first push waits for at least the decoders' lookahead."""
+    """Frames per decoder push. The first push waits for at least the decoders' lookahead.
+
+    `first_chunk_frames` > 0 switches on the low-latency first chunk: once that many frames of the
+    first sentence exist (and fewer than the lookahead), they are decoded at once as if the
+    utterance ended there, and most of that audio is sent right away. Everything after the first
+    chunk (and a short crossfade) is the exact stream again. 0 (the default) keeps the whole stream
+    equal to the one-shot decode.
+    """
 
     first_block: int = 24
     block: int = 48
+    first_chunk_frames: int = 0
 
     @classmethod
     def from_env(cls) -> StreamConfig:
         return cls(int(os.environ.get("CHATTTS_VLLM_STREAM_FIRST_BLOCK", cls.first_block)),
-                   int(os.environ.get("CHATTTS_VLLM_STREAM_BLOCK", cls.block)))
+                   int(os.environ.get("CHATTTS_VLLM_STREAM_BLOCK", cls.block)),
+                   int(os.environ.get("CHATTTS_VLLM_STREAM_FIRST_CHUNK_FRAMES", cls.first_chunk_frames)))
+
+
+SAMPLES_PER_FRAME = 512     # 24 kHz audio per GPT frame (2 mel frames x hop 256)
+HOLD_BACK_FRAMES = 3        # early-chunk frames not sent: their audio lacks most right context
+CROSSFADE = 1024            # samples (43 ms) blending the early chunk's held-back audio into the exact one
+MIN_FIRST_CHUNK_FRAMES = HOLD_BACK_FRAMES + 1
+
+
+class _Splice:
+    """Joins an early chunk (audio [0, start) already sent, plus its held-back tail) onto the exact
+    stream: exact samples before `start` are dropped, the next `len(tail)` are crossfaded from the
+    early audio to the exact one, the rest pass unchanged."""
+
+    def __init__(self, start: int, tail: np.ndarray):
+        self.start, self.tail = start, tail
+        self.pos = 0                               # absolute index of the next exact sample
+
+    def __call__(self, wav: np.ndarray) -> np.ndarray:
+        lo, hi = self.pos, self.pos + wav.shape[0]
+        self.pos = hi
+        end = self.start + self.tail.shape[0]
+        if hi <= self.start:
+            return wav[:0]
+        out = wav[max(0, self.start - lo):].copy()
+        a = max(lo, self.start)                    # absolute index of out[0]
+        if a < end:
+            n = min(hi, end) - a
+            w = (np.arange(a - self.start, a - self.start + n, dtype=np.float32) + 0.5) / self.tail.shape[0]
+            out[:n] = (1 - w) * self.tail[a - self.start:a - self.start + n] + w * out[:n]
+        return out
 
 
 @dataclass
@@ -135,9 +177,11 @@ class Utterance:
 class SpeechJob:
     """The sentences of one request, submitted together; audio comes back in sentence order."""
 
-    def __init__(self, engine, requests: list[EnginePrompt], request_id: str, used_tokens: int = 0):
+    def __init__(self, engine, requests: list[EnginePrompt], request_id: str, used_tokens: int = 0,
+                 first_chunk_frames: int | None = None):
         self.utterances = [Utterance(engine, r, f"{request_id}-{i}") for i, r in enumerate(requests)]
         self.used_tokens = used_tokens          # e.g. the refine pass
+        self.first_chunk_frames = first_chunk_frames    # the request's choice, else the server's
 
     def usage(self) -> dict[str, int]:
         inp = sum(u.prompt_tokens for u in self.utterances)
@@ -150,25 +194,52 @@ class SpeechJob:
         return sum(u.frames for u in self.utterances)
 
     async def stream(self, audio: AudioRunner, cfg: StreamConfig) -> AsyncIterator[np.ndarray]:
-        """Waveform pieces as they become final: sentence 1 block by block, then sentence 2, ..."""
+        """Waveform pieces as they become final: sentence 1 block by block, then sentence 2, ...
+
+        With `cfg.first_chunk_frames`, sentence 1 starts with an early chunk (see StreamConfig).
+        """
+        if self.first_chunk_frames is not None:
+            cfg = replace(cfg, first_chunk_frames=self.first_chunk_frames)
         first = max(cfg.first_block, audio.lookahead)
-        for u in self.utterances:
+        for i, u in enumerate(self.utterances):
             dec, start, need = stream_decoder(audio.models, audio.use_decoder), 0, first
+            splice = None
+            if i == 0 and 0 < cfg.first_chunk_frames < first:
+                early = max(cfg.first_chunk_frames, MIN_FIRST_CHUNK_FRAMES)
+                await u.wait(early)
+                u.check()
+                n = u.frames
+                if not u.done and early <= n < first:
+                    wav = await audio.run(self._early, u, n, audio)
+                    cut = SAMPLES_PER_FRAME * (n - HOLD_BACK_FRAMES)
+                    splice = _Splice(cut, wav[cut:cut + CROSSFADE])
+                    # The first exact push: once it reaches a quarter block past the early chunk.
+                    need = max(first, n - HOLD_BACK_FRAMES + audio.lookahead + cfg.block // 4)
+                    yield wav[:cut]
             while True:
                 await u.wait(start + need)
                 u.check()
                 ended, stop = u.done, u.frames       # snapshot: more may arrive during the push
                 if stop > start:
                     wav = await audio.run(self._push, u, dec, start, stop, audio.use_decoder)
+                    wav = splice(wav) if splice is not None else wav
                     start, need = stop, (cfg.block if wav.size else need)
                     if wav.size:
                         yield wav
                 if ended:
                     break
             tail = await audio.run(lambda: dec.flush().float().cpu().numpy())
+            tail = splice(tail) if splice is not None else tail
             u.close()
             if tail.size:
                 yield tail
+
+    @staticmethod
+    @torch.inference_mode()
+    def _early(u: Utterance, n: int, audio: AudioRunner) -> np.ndarray:
+        """Frames [0, n) decoded as a whole utterance: the right edge padded like an ending."""
+        codes, hidden = u.read(0, n)
+        return decode_utterance(audio.models, codes, hidden, audio.use_decoder)
 
     @staticmethod
     def _push(u: Utterance, dec, start: int, stop: int, use_decoder: bool) -> np.ndarray:

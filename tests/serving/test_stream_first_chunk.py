@@ -1,0 +1,141 @@
+"""The low-latency first chunk of a stream (StreamConfig.first_chunk_frames): the first audio leaves
+after F frames instead of the decoders' 53-frame lookahead, and everything after the first chunk
+and its crossfade equals the one-shot decode, as the exact stream (the default) does throughout.
+
+No engine: frames come from a fake utterance that reports them a few milliseconds apart, through
+the real SpeechJob.stream, with narrow audio models of the real depth (hence the real lookahead).
+"""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from chattts_vllm.audio.checkpoint import (AudioModels, decoder_shapes, load_decoder, load_vocos,
+                                           random_state_dict, vocos_shapes)
+from chattts_vllm.serving.pipeline import decode_utterance
+from chattts_vllm.serving.protocol import SpeechError, parse_speech_request
+from chattts_vllm.serving.streaming import (CROSSFADE, HOLD_BACK_FRAMES, SAMPLES_PER_FRAME,
+                                            AudioRunner, SpeechJob, StreamConfig, Utterance)
+
+
+class FakeUtterance:
+    """Reports one more frame every `period` seconds; reads come from fixed arrays."""
+
+    wait = Utterance.wait
+    check = Utterance.check
+
+    def __init__(self, hidden: np.ndarray, period: float = 0.005):
+        self.hidden = hidden
+        self.codes = np.zeros((len(hidden), 4), np.int32)
+        self.frames, self.done, self.error = 0, False, None
+        self._changed = asyncio.Event()
+        self.task = asyncio.create_task(self._produce(period))
+
+    async def _produce(self, period: float) -> None:
+        while self.frames < len(self.hidden):
+            await asyncio.sleep(period)
+            self.frames += 1
+            self._changed.set()
+        self.done = True
+        self._changed.set()
+
+    def read(self, start: int, stop: int):
+        return self.codes[start:stop], self.hidden[start:stop]
+
+    def close(self) -> None:
+        self.task.cancel()
+
+
+@pytest.fixture(scope="module")
+def audio():
+    torch.manual_seed(0)
+    dec = load_decoder(random_state_dict(decoder_shapes(idim=8, odim=16, hidden=16, bn_dim=8), 3))
+    voc = load_vocos(random_state_dict(vocos_shapes(dim=16, intermediate=32), 4))
+    with ThreadPoolExecutor(1) as pool:
+        yield AudioRunner(AudioModels(dec, None, voc), pool)
+
+
+def _hidden(frames: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((frames, 16)).astype(np.float32)
+
+
+def _run(audio: AudioRunner, hiddens: list[np.ndarray], cfg: StreamConfig,
+         job_frames: int | None = None) -> tuple[list[np.ndarray], list[int]]:
+    """The stream's chunks, and the frames of sentence 1 reported when each chunk was yielded."""
+    async def go():
+        job = SpeechJob.__new__(SpeechJob)
+        job.utterances = [FakeUtterance(h) for h in hiddens]
+        job.used_tokens, job.first_chunk_frames = 0, job_frames
+        chunks, seen = [], []
+        async for wav in job.stream(audio, cfg):
+            chunks.append(wav)
+            seen.append(job.utterances[0].frames)
+        job.close()
+        return chunks, seen
+    return asyncio.run(go())
+
+
+def _oneshot(audio: AudioRunner, hidden: np.ndarray) -> np.ndarray:
+    return decode_utterance(audio.models, np.zeros((len(hidden), 4), np.int32), hidden)
+
+
+def test_exact_stream_is_the_default_and_waits_for_the_lookahead(audio):
+    assert StreamConfig().first_chunk_frames == 0 and audio.lookahead == 53
+    h = _hidden(120, 0)
+    chunks, seen = _run(audio, [h], StreamConfig())
+    ref = _oneshot(audio, h)
+    got = np.concatenate(chunks)
+    assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-4
+    assert seen[0] >= audio.lookahead
+
+
+@pytest.mark.parametrize("frames", [16, 24])
+def test_early_first_chunk_then_exact(audio, frames):
+    h = _hidden(140, 1)
+    chunks, seen = _run(audio, [h], StreamConfig(first_chunk_frames=frames))
+    ref = _oneshot(audio, h)
+    got = np.concatenate(chunks)
+    n = len(chunks[0]) // SAMPLES_PER_FRAME + HOLD_BACK_FRAMES      # frames the early chunk used
+    print(f"first chunk after {seen[0]} frames (asked {frames}, decoded {n}); exact needs "
+          f"{audio.lookahead}; early-region max diff {np.abs(got[:len(chunks[0])] - ref[:len(chunks[0])]).max():.3f}")
+    assert len(chunks[0]) % SAMPLES_PER_FRAME == 0 and frames <= n < audio.lookahead
+    assert seen[0] < audio.lookahead                     # it left before the exact stream could
+    assert got.shape == ref.shape                        # no sample lost or doubled at the joint
+    exact_from = len(chunks[0]) + CROSSFADE
+    assert np.abs(got[exact_from:] - ref[exact_from:]).max() <= 1e-4
+    # the crossfade blends into the exact audio: its last samples are nearly exact already
+    assert np.abs(got[exact_from - 8:exact_from] - ref[exact_from - 8:exact_from]).max() <= \
+        np.abs(ref).max() * 0.05 + 1e-4
+
+
+def test_request_choice_overrides_the_server_default_and_only_sentence_one_is_early(audio):
+    hs = [_hidden(90, 2), _hidden(80, 3)]
+    refs = [_oneshot(audio, h) for h in hs]
+    chunks, seen = _run(audio, hs, StreamConfig(first_chunk_frames=0), job_frames=20)
+    got = np.concatenate(chunks)
+    assert seen[0] < audio.lookahead and got.shape[0] == sum(r.shape[0] for r in refs)
+    s2 = got[refs[0].shape[0]:]
+    assert np.abs(s2 - refs[1]).max() <= 1e-4           # sentence 2 is exact from its first sample
+    # and a request asking for 0 gets the exact stream on a server whose default is early
+    chunks, seen = _run(audio, hs[:1], StreamConfig(first_chunk_frames=20), job_frames=0)
+    assert seen[0] >= audio.lookahead and np.abs(np.concatenate(chunks) - refs[0]).max() <= 1e-4
+
+
+def test_utterance_shorter_than_the_early_chunk_is_exact(audio):
+    h = _hidden(12, 4)
+    chunks, _ = _run(audio, [h], StreamConfig(first_chunk_frames=24))
+    ref = _oneshot(audio, h)
+    assert np.abs(np.concatenate(chunks) - ref).max() <= 1e-4
+
+
+def test_request_field():
+    body = b'{"model": "chattts", "input": "hi", "stream_format": "audio", "stream_first_chunk_frames": 20}'
+    assert parse_speech_request(body, ["chattts"]).stream_first_chunk_frames == 20
+    assert parse_speech_request(b'{"model": "chattts", "input": "hi"}', ["chattts"]).stream_first_chunk_frames is None
+    with pytest.raises(SpeechError) as e:
+        parse_speech_request(b'{"model": "chattts", "input": "hi", "stream_first_chunk_frames": -1}', ["chattts"])
+    assert e.value.param == "stream_first_chunk_frames"
