@@ -111,8 +111,13 @@ def dwconv_ln(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor |
 
 @triton.jit
 def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Tile order in which GROUP_M row tiles share each weight tile while it is hot in L2."""
-    pid = tl.program_id(0)
+    """This program's tile, in the order where GROUP_M row tiles share each weight tile in L2."""
+    return _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+
+@triton.jit
+def _tile_coords(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of linear tile id `pid` in the grouped order."""
     num_n = tl.cdiv(N, BLOCK_N)
     group = pid // (GROUP_M * num_n)
     first_m = group * GROUP_M
@@ -121,16 +126,48 @@ def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 
 @triton.jit
+def _spectrum(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Columns interleaved as (log-magnitude, phase) pairs → (re, im) pairs of the complex spectrum,
+    magnitude capped at 100 (vocos ISTFTHead; twin: `ISTFTHead.spectrum`)."""
+    logm, phase = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
+    mag = tl.minimum(tl.exp(logm), 100.0)
+    return tl.reshape(tl.join(mag * tl.cos(phase), mag * tl.sin(phase)), (BLOCK_M, BLOCK_N))
+
+
+@triton.jit
 def _epilogue(acc, rn, nmask, bias_ptr, scale_ptr, GELU: tl.constexpr, HAS_BIAS: tl.constexpr,
-              HAS_SCALE: tl.constexpr):
-    """+ bias, GELU, × per-channel scale (a residual is added by the caller)."""
+              HAS_SCALE: tl.constexpr, SPEC: tl.constexpr):
+    """+ bias, GELU, × per-channel scale, or the ISTFT head's spectrum (a residual is added by the
+    caller)."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     if GELU:
         acc = _gelu(acc)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    if SPEC:
+        acc = _spectrum(acc, acc.shape[0], acc.shape[1])
     return acc
+
+
+@triton.jit
+def _linear_tile(a_desc, w_desc, om, on, K, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):         # TMA zero-fills the ragged edges
+        acc = tl.dot(a_desc.load([om, k0]), w_desc.load([on, k0]).T, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _linear_store(acc, r_desc, o_desc, om, on, N, bias_ptr, scale_ptr, GELU: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr,
+                  SPEC: tl.constexpr, BLOCK_N: tl.constexpr):
+    rn = on + tl.arange(0, BLOCK_N)
+    acc = _epilogue(acc, rn, rn < N, bias_ptr, scale_ptr, GELU, HAS_BIAS, HAS_SCALE, SPEC)
+    if HAS_RES:
+        acc += r_desc.load([om, on]).to(tl.float32)
+    o_desc.store([om, on], acc.to(o_desc.dtype))
 
 
 @triton.jit
@@ -141,19 +178,32 @@ def _linear_tma_kernel(
     o_desc,       # (M, N) output, box [BLOCK_M, BLOCK_N]
     bias_ptr, scale_ptr, M, N, K,
     GELU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr,
-    PRECISION: tl.constexpr,
+    SPEC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr, OCC: tl.constexpr,
 ):
-    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    om, on = pid_m * BLOCK_M, pid_n * BLOCK_N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):         # TMA zero-fills the ragged edges
-        acc = tl.dot(a_desc.load([om, k0]), w_desc.load([on, k0]).T, acc, input_precision=PRECISION)
-    rn = on + tl.arange(0, BLOCK_N)
-    acc = _epilogue(acc, rn, rn < N, bias_ptr, scale_ptr, GELU, HAS_BIAS, HAS_SCALE)
-    if HAS_RES:
-        acc += r_desc.load([om, on]).to(tl.float32)
-    o_desc.store([om, on], acc.to(o_desc.dtype))
+    # PERSISTENT: a grid of OCC programs per SM, each looping over tiles. The flattened loop nest is
+    # software-pipelined across tiles, so the next tile's TMA loads are in flight during this tile's
+    # epilogue (GELU is ~30 FP32 instructions per element: not free at K = 512). OCC only sizes
+    # the grid (host side). Otherwise one program per tile, as the classic Triton GEMM.
+    if PERSISTENT:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        step = tl.num_programs(0)
+        tile_c = tl.program_id(0) - step       # the epilogue's own counter (as tutorial 09)
+        for tile in tl.range(tl.program_id(0), num_tiles, step, flatten=True):
+            pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            acc = _linear_tile(a_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K, PRECISION,
+                               BLOCK_M, BLOCK_N, BLOCK_K)
+            tile_c += step
+            pid_m, pid_n = _tile_coords(tile_c, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            _linear_store(acc, r_desc, o_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, N, bias_ptr,
+                          scale_ptr, GELU, HAS_BIAS, HAS_SCALE, HAS_RES, SPEC, BLOCK_N)
+    else:
+        pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = _linear_tile(a_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K, PRECISION,
+                           BLOCK_M, BLOCK_N, BLOCK_K)
+        _linear_store(acc, r_desc, o_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, N, bias_ptr, scale_ptr,
+                      GELU, HAS_BIAS, HAS_SCALE, HAS_RES, SPEC, BLOCK_N)
 
 
 @triton.jit
@@ -163,7 +213,7 @@ def _conv_tma_kernel(
     o_desc,       # (B, T, N) output, box [1, BLOCK_M, BLOCK_N]
     bias_ptr, scale_ptr, T, N, CIN, CIN_PAD,
     TAPS: tl.constexpr, DIL: tl.constexpr, GELU: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SCALE: tl.constexpr, SPEC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Tiles never straddle two sequences, so out-of-range time steps are exactly TMA's zero fill.
@@ -182,7 +232,7 @@ def _conv_tma_kernel(
             w = w_desc.load([on, tap * CIN_PAD + k0])
             acc = tl.dot(a, w.T, acc, input_precision=PRECISION)
     rn = on + tl.arange(0, BLOCK_N)
-    acc = _epilogue(acc, rn, rn < N, bias_ptr, scale_ptr, GELU, HAS_BIAS, HAS_SCALE)
+    acc = _epilogue(acc, rn, rn < N, bias_ptr, scale_ptr, GELU, HAS_BIAS, HAS_SCALE, SPEC)
     o_desc.store([b, t0, on], acc.to(o_desc.dtype).reshape(1, BLOCK_M, BLOCK_N))
 
 
@@ -196,7 +246,7 @@ def _conv_gemm_kernel(
     out_ptr,      # (M, N)
     M, N, CIN, T,
     TAPS: tl.constexpr, DIL: tl.constexpr, GELU: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr, SPEC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -216,7 +266,7 @@ def _conv_gemm_kernel(
             w = tl.load(w_col[None, :] + kk[:, None], mask=(kk < CIN)[:, None] & (rn < N)[None, :], other=0.0)
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
     nmask = rn < N
-    acc = _epilogue(acc, rn, nmask, bias_ptr, scale_ptr, GELU, HAS_BIAS, HAS_SCALE)
+    acc = _epilogue(acc, rn, nmask, bias_ptr, scale_ptr, GELU, HAS_BIAS, HAS_SCALE, SPEC)
     omask = (rm < M)[:, None] & nmask[None, :]
     offs = rm[:, None] * N + rn[None, :]
     if HAS_RES:
@@ -240,8 +290,14 @@ def _set_conv_boxes(nargs: dict) -> None:
 
 
 def _configs(shapes, hook=None, group: bool = True) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **({"GROUP_M": 8} if group else {})},
-                          num_warps=w, num_stages=s, pre_hook=hook) for bm, bn, bk, w, s in shapes]
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, PERSISTENT, OCC]) tuples → configs."""
+    out = []
+    for bm, bn, bk, w, s, *pers in shapes:
+        kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **({"GROUP_M": 8} if group else {})}
+        if pers:
+            kw.update(PERSISTENT=bool(pers[0]), OCC=pers[1])
+        out.append(triton.Config(kw, num_warps=w, num_stages=s, pre_hook=hook))
+    return out
 
 
 def _tune_list(shapes: list) -> list:
@@ -252,19 +308,37 @@ def _tune_list(shapes: list) -> list:
 
 # Register use on sm_90a (ptxas, bf16, TMA): 128x128x64/w8 ≈ 120-175 regs, 64x256x64/w8 ≈ 115-136,
 # 128x256x64/w8 ≈ 235-255 (48 B spill with the GELU epilogue), 64x128x64/w4 ≈ 115-136.
-_LINEAR_SHAPES = _tune_list([(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 256, 64, 8, 4),
-                             (128, 128, 128, 8, 3)])
+# Linear candidates add (PERSISTENT, OCC = programs per SM). Shared memory per program, bf16:
+# stages·(BM + BN)·BK·2 + the epilogue's BM·BN·2 staging tile; OCC 2 needs ≤ ~113 KB each
+# (128x128x64 s2: 96 KB; 64x128x64 s3: 88 KB), so one program's GELU epilogue overlaps the other's
+# tensor-core main loop — the point at K = 512, where the main loop is only 8 steps.
+_LINEAR_SHAPES = _tune_list([(128, 128, 64, 8, 4, 0, 1), (128, 256, 64, 8, 3, 0, 1),
+                             (128, 128, 64, 8, 4, 1, 1), (128, 128, 64, 8, 2, 1, 2),
+                             (128, 256, 64, 8, 3, 1, 1), (64, 256, 64, 8, 4, 0, 1),
+                             (64, 128, 64, 4, 3, 1, 2)])
 _CONV_SHAPES = _tune_list([(128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 256, 64, 8, 4)])
 _PTR_SHAPES = _tune_list([(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 2)])
 _linear_tma_tuned = triton.autotune(_configs(_LINEAR_SHAPES, _set_linear_boxes),
-                                    key=["N", "K", "GELU", "HAS_RES"])(_linear_tma_kernel)
+                                    key=["N", "K", "GELU", "HAS_RES", "SPEC"])(_linear_tma_kernel)
 _conv_tma_tuned = triton.autotune(_configs(_CONV_SHAPES, _set_conv_boxes, group=False),
-                                  key=["N", "CIN", "TAPS"])(_conv_tma_kernel)
+                                  key=["N", "CIN", "TAPS", "SPEC"])(_conv_tma_kernel)
 _conv_gemm_tuned = triton.autotune(_configs(_PTR_SHAPES),
-                                   key=["N", "CIN", "TAPS", "HAS_RES"])(_conv_gemm_kernel)
+                                   key=["N", "CIN", "TAPS", "HAS_RES", "SPEC"])(_conv_gemm_kernel)
 # fp32 (IEEE dots run on CUDA cores, not tensor cores): small tiles, or the big ones spill badly.
-_FP32_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
-_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}   # ragged tiles
+_FP32_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2,
+                "PERSISTENT": False, "OCC": 1}
+# Interpreter: ragged tiles, and the persistent loop with few programs (several tiles each).
+_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": True,
+                     "OCC": 1}
+_INTERPRET_SMS = 3
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if INTERPRET or device.type != "cuda":
+        return _INTERPRET_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
 
 _W_CACHE: dict[tuple, tuple] = {}
 
@@ -337,29 +411,47 @@ def _launch(kernel, tuned, hook, grid_fn, args, flags, config: dict | None, dtyp
         tuned[lambda meta: (grid_fn(meta),)](*args, **flags)
         return
     cfg = {k: v for k, v in config.items() if k in kernel.arg_names}
+    for k, v in (("PERSISTENT", False), ("OCC", 1)):
+        if k in kernel.arg_names:
+            cfg.setdefault(k, v)
     if hook is not None:
         hook({**dict(zip(kernel.arg_names, args)), **cfg})
     kernel[(grid_fn(cfg),)](*args, **flags, **cfg, num_warps=config.get("num_warps", 4),
                             num_stages=config.get("num_stages", 3))
 
 
+def _interleave_rows(w: torch.Tensor) -> torch.Tensor:
+    """(2n, ...) → rows ordered 0, n, 1, n+1, …: the head's (log-magnitude, phase) pairs side by side."""
+    def make(w):
+        n = w.shape[0] // 2
+        return torch.stack([w[:n], w[n:]], dim=1).reshape(w.shape).contiguous()
+    return _cached(w, "interleave", make)
+
+
 def conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
               dilation: int = 1, gelu: bool = False, scale: torch.Tensor | None = None,
               residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-              config: dict | None = None, tma: bool | None = None) -> torch.Tensor:
+              spectrum: bool = False, config: dict | None = None,
+              tma: bool | None = None) -> torch.Tensor:
     """Channels-last conv1d ('same' zero padding, odd kernel) or linear on (B, T, CIN) → (B, T, N).
 
     weight: (N, CIN, K) conv or (N, CIN) linear. Epilogue order: + bias, GELU, × scale, + residual.
     The output's row stride is padded to 16 bytes (a view), so any N stays TMA-describable
     downstream (mel: 100 channels, the head: 1026).
+    spectrum: the Vocos ISTFT head — outputs are (log-magnitude, phase) halves, N = 2·F; returns
+    the complex spectrum (B, T, F) (complex64; needs out_dtype float32), computed in the epilogue.
     """
+    if spectrum:
+        assert out_dtype == torch.float32 and not (gelu or scale is not None or residual is not None)
+        weight = _interleave_rows(weight)
+        bias = _interleave_rows(bias) if bias is not None else None
     if x.stride(-1) != 1:
         x = x.contiguous()
     bsz, t, cin = x.shape
     n, taps = weight.shape[0], (1 if weight.dim() == 2 else weight.shape[-1])
     dtype = out_dtype or x.dtype
     out = _empty_rows((bsz, t, n), dtype, x.device)
-    flags = dict(GELU=gelu, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+    flags = dict(GELU=gelu, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, SPEC=spectrum,
                  PRECISION=_precision(x.dtype))
     bias_arg = bias if bias is not None else weight
     scale_arg = scale if scale is not None else weight
@@ -376,7 +468,11 @@ def conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         r2 = residual.reshape(m, n) if residual is not None else o2
         w2 = w_tma.view(n, -1)
         args = (_desc(x2), _desc(w2), _desc(r2), _desc(o2), bias_arg, scale_arg, m, n, cin)
-        grid = lambda c: triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"])  # noqa: E731
+        sms = _num_sms(x.device)
+
+        def grid(c):
+            tiles = triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"])
+            return min(tiles, sms * c["OCC"]) if c["PERSISTENT"] else tiles
         _launch(_linear_tma_kernel, _linear_tma_tuned, _set_linear_boxes, grid, args,
                 dict(flags, HAS_RES=residual is not None), config, x.dtype)
     elif tma:
@@ -393,6 +489,8 @@ def conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         grid = lambda c: triton.cdiv(bsz * t, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"])  # noqa: E731
         _launch(_conv_gemm_kernel, _conv_gemm_tuned, None, grid, args,
                 dict(flags, TAPS=taps, DIL=dilation, HAS_RES=residual is not None), config, x.dtype)
+    if spectrum:                                    # (re, im) pairs: a free view as complex64
+        return torch.view_as_complex(out.unflatten(-1, (n // 2, 2)))
     return out
 
 
@@ -427,7 +525,7 @@ def _mlp_tma_kernel(
     for half in tl.static_range(2):
         acc = acc0 if half == 0 else acc1
         rc = half * HALF_C + tl.arange(0, HALF_C)
-        acc = _epilogue(acc, rc, rc < C, b2_ptr, s_ptr, False, True, True)
+        acc = _epilogue(acc, rc, rc < C, b2_ptr, s_ptr, False, True, True, False)
         acc += x_desc.load([om, half * HALF_C]).to(tl.float32)
         o_desc.store([om, half * HALF_C], acc.to(o_desc.dtype))
 
@@ -470,7 +568,7 @@ def _mlp_kernel(
         w2 = tl.load(w2_ptr + rc[None, :].to(tl.int64) * I + ii[:, None],
                      mask=imask[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(h, w2, acc, input_precision=PRECISION)
-    acc = _epilogue(acc, rc, cmask, b2_ptr, s_ptr, False, True, True)
+    acc = _epilogue(acc, rc, cmask, b2_ptr, s_ptr, False, True, True, False)
     omask = mmask[:, None] & cmask[None, :]
     offs = rm[:, None] * C + rc[None, :]
     acc += tl.load(x_ptr + offs, mask=omask, other=0.0).to(tl.float32)

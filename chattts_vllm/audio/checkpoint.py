@@ -222,9 +222,19 @@ class AudioModels:
 
 def load_audio_models(model_dir: str | Path, device: str | torch.device = "cpu",
                       dtype: torch.dtype = torch.float32) -> AudioModels:
-    """All three audio models of a converted model dir (`<dir>/chattts/`) or an official asset dir."""
-    return AudioModels(
+    """All three audio models of a converted model dir (`<dir>/chattts/`) or an official asset dir.
+
+    On CUDA with `CHATTTS_AUDIO_CUDA_GRAPHS=1`, their decode paths replay per-shape CUDA graphs
+    (audio/graphs.py)."""
+    models = AudioModels(
         decoder=load_decoder(find_audio_file(model_dir, DECODER_FILE), device, dtype),
         dvae=load_dvae(find_audio_file(model_dir, DVAE_FILE), device, dtype),
         vocos=load_vocos(find_audio_file(model_dir, VOCOS_FILE), device, dtype),
     )
+    if torch.device(device).type == "cuda":
+        from chattts_vllm.audio.graphs import enable_cuda_graphs, graphs_enabled_by_env
+
+        if graphs_enabled_by_env():
+            for m in (models.decoder, models.dvae, models.vocos):
+                enable_cuda_graphs(m)
+    return models

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from chattts_vllm.audio.convnext import ConvNeXtStack, conv1d_cl
+from chattts_vllm.audio.graphs import graphed_call
 
 
 class Decoder(nn.Module):
@@ -45,7 +46,12 @@ class Decoder(nn.Module):
         return conv1d_cl(y, self.out_conv, scale=self.coef.view(-1), backend=self.backend)
 
     def decode_frames(self, frames: torch.Tensor) -> torch.Tensor:
-        """One row per GPT step: (B, T, 768) hidden states → (B, 2T, n_mels) log-mel."""
+        """One row per GPT step: (B, T, 768) hidden states → (B, 2T, n_mels) log-mel.
+
+        Replayed from a CUDA graph per shape after `audio.graphs.enable_cuda_graphs(self)`."""
+        return graphed_call(self, "decode_frames", self._decode_frames, frames)
+
+    def _decode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         return self.mel_from_features(frames.to(self.coef.dtype))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

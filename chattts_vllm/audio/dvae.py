@@ -16,6 +16,7 @@ from torch import nn
 from chattts_vllm.audio.convnext import ConvNeXtStack
 from chattts_vllm.audio.decoder import Decoder
 from chattts_vllm.audio.gfsq import GFSQ
+from chattts_vllm.audio.graphs import graphed_call
 
 SAMPLE_RATE = 24000
 
@@ -122,7 +123,11 @@ class DVAE(Decoder):
         return self.vq_layer.groups * self.vq_layer.residuals
 
     def decode_frames(self, codes: torch.Tensor) -> torch.Tensor:
-        """One row of 4 codes per GPT step: (B, T, 4) → (B, 2T, n_mels) log-mel."""
+        """One row of 4 codes per GPT step: (B, T, 4) → (B, 2T, n_mels) log-mel (CUDA-graph replay
+        after `audio.graphs.enable_cuda_graphs(self)`)."""
+        return graphed_call(self, "decode_frames", self._decode_frames, codes)
+
+    def _decode_frames(self, codes: torch.Tensor) -> torch.Tensor:
         return self.mel_from_features(self.vq_layer.dequantize(codes).to(self.coef.dtype))
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:

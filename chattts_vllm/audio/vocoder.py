@@ -14,6 +14,7 @@ from torch import nn
 from chattts_vllm.audio.convnext import (ConvNeXtBlock, conv1d_cl, layer_norm_cl, triton_kernels,
                                           use_triton)
 from chattts_vllm.audio.dvae import LogMelSpectrogram
+from chattts_vllm.audio.graphs import graphed_call
 
 
 def overlap_add(frames: torch.Tensor, hop: int) -> torch.Tensor:
@@ -24,6 +25,13 @@ def overlap_add(frames: torch.Tensor, hop: int) -> torch.Tensor:
     for k in range(r):                    # R shifted adds of hop-wide slices: no fold/col2im needed
         out[:, k:k + j] += frames[:, :, k * hop:(k + 1) * hop]
     return out.flatten(1)
+
+
+def istft_bounds(n_frames: int, n_fft: int, hop: int, first: bool, last: bool) -> tuple[int, int]:
+    """[start, stop) of the complete samples of a run of `n_frames` frames, in overlap-add coordinates."""
+    start = n_fft // 2 if first else n_fft - hop
+    stop = (n_frames - 1) * hop + n_fft // 2 if last else n_frames * hop
+    return start, stop
 
 
 def istft_window(spec: torch.Tensor, window: torch.Tensor, hop: int, first: bool,
@@ -39,22 +47,38 @@ def istft_window(spec: torch.Tensor, window: torch.Tensor, hop: int, first: bool
     frames = torch.fft.irfft(spec, n=n_fft, dim=-1) * window              # (B, J, n_fft)
     y = overlap_add(frames, hop)
     env = overlap_add((window * window).expand(1, spec.shape[1], n_fft), hop)   # window envelope
-    start = n_fft // 2 if first else n_fft - hop
-    stop = y.shape[1] - n_fft // 2 if last else spec.shape[1] * hop
+    start, stop = istft_bounds(spec.shape[1], n_fft, hop, first, last)
     return y[:, start:stop] / env[:, start:stop]
 
 
 class ISTFT(nn.Module):
-    """Inverse STFT, centred; holds the `window` buffer of `head.istft`."""
+    """Inverse STFT, centred; holds the `window` buffer of `head.istft`.
+
+    `forward_native` is `istft_window`; `forward_triton` keeps cuFFT's irfft and runs the windowed
+    overlap-add and envelope division as one kernel (chattts_vllm.kernels.istft).
+    """
 
     def __init__(self, n_fft: int = 1024, hop_length: int = 256):
         super().__init__()
         self.hop_length = hop_length
         self.register_buffer("window", torch.hann_window(n_fft))
+        self.backend = "auto"
 
     def forward(self, spec: torch.Tensor, first: bool = True, last: bool = True) -> torch.Tensor:
         """(B, J, n_fft//2+1) complex frames → waveform (see `istft_window`)."""
+        if use_triton(self.backend, spec):
+            return self.forward_triton(spec, first, last)
+        return self.forward_native(spec, first, last)
+
+    def forward_native(self, spec: torch.Tensor, first: bool = True, last: bool = True) -> torch.Tensor:
         return istft_window(spec, self.window.float(), self.hop_length, first, last)
+
+    def forward_triton(self, spec: torch.Tensor, first: bool = True, last: bool = True) -> torch.Tensor:
+        n_fft = self.window.shape[0]
+        frames = torch.fft.irfft(spec, n=n_fft, dim=-1)
+        start, stop = istft_bounds(spec.shape[1], n_fft, self.hop_length, first, last)
+        return triton_kernels("istft").istft_overlap_add(frames, self.window.float(), self.hop_length,
+                                                         start, stop)
 
 
 class ISTFTHead(nn.Module):
@@ -68,11 +92,12 @@ class ISTFTHead(nn.Module):
 
     def spectrum(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, dim) → (B, T, n_fft//2+1) complex64; the magnitude is capped at 100 like vocos."""
-        if use_triton(self.backend, x):       # GEMM straight to fp32: exp() of a bf16 log-magnitude is coarse
-            y = triton_kernels("convnext").conv_gemm(x, self.out.weight, self.out.bias,
-                                                     out_dtype=torch.float32)
-        else:
-            y = self.out(x).float()
+        if use_triton(self.backend, x):
+            # One GEMM whose epilogue (fp32: exp() of a bf16 log-magnitude is coarse) writes the
+            # complex spectrum: the math below, fused (chattts_vllm.kernels.convnext `_spectrum`).
+            return triton_kernels("convnext").conv_gemm(x, self.out.weight, self.out.bias,
+                                                        out_dtype=torch.float32, spectrum=True)
+        y = self.out(x).float()
         mag, phase = y.chunk(2, dim=-1)
         mag = torch.clip(torch.exp(mag), max=1e2)
         return torch.complex(mag * torch.cos(phase), mag * torch.sin(phase))
@@ -135,11 +160,18 @@ class Vocos(nn.Module):
 
     def spectrum(self, mel: torch.Tensor) -> torch.Tensor:
         """(B, T_mel, n_mels) channels-last log-mel → (B, T_mel, n_fft//2+1) complex frames."""
+        return graphed_call(self, "spectrum", self._spectrum, mel)
+
+    def _spectrum(self, mel: torch.Tensor) -> torch.Tensor:
         return self.head.spectrum(self.backbone(mel.to(self.head.out.weight.dtype)))
 
     def decode_frames(self, mel: torch.Tensor) -> torch.Tensor:
-        """(B, T_mel, n_mels) channels-last → (B, hop·(T_mel − 1)) waveform."""
-        return self.head.istft(self.spectrum(mel))
+        """(B, T_mel, n_mels) channels-last → (B, hop·(T_mel − 1)) waveform (CUDA-graph replay per
+        shape after `audio.graphs.enable_cuda_graphs(self)`)."""
+        return graphed_call(self, "decode_frames", self._decode_frames, mel)
+
+    def _decode_frames(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.head.istft(self._spectrum(mel))
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         return self.decode_frames(mel.transpose(1, 2))

@@ -77,7 +77,7 @@ def dwconv_ln_case(b, t, c, dil, conv, device, dtype, seed=0) -> float:
 
 
 def conv_case(b, t, cin, cout, ks, device, dtype, gelu=False, scale=False, residual=False,
-              padded_input=False, tma=None, seed=0) -> float:
+              padded_input=False, tma=None, config=None, seed=0) -> float:
     """conv_gemm (k taps, or a linear when ks == 0) with its epilogue options."""
     g = _gen(seed)
     conv = torch.nn.Conv1d(cin, cout, max(ks, 1), padding=max(ks, 1) // 2)
@@ -88,12 +88,46 @@ def conv_case(b, t, cin, cout, ks, device, dtype, gelu=False, scale=False, resid
     s = _x((cout,), device, dtype, seed + 2).abs() + 0.5 if scale else None
     r = _x((b, t, cout), device, dtype, seed + 3) if residual else None
     weight = low.weight.squeeze(-1) if ks == 0 else low.weight
-    out = triton_kernels("convnext").conv_gemm(x, weight, low.bias, gelu=gelu, scale=s, residual=r, tma=tma)
+    out = triton_kernels("convnext").conv_gemm(x, weight, low.bias, gelu=gelu, scale=s, residual=r, tma=tma,
+                                               config=config)
     y = ref(x.float().transpose(1, 2)).transpose(1, 2)
     y = F.gelu(y) if gelu else y
     y = y * s.float() if scale else y
     y = y + r.float() if residual else y
     return rel(out, y)
+
+
+def spectrum_case(b, t, dim, n_fft, device, dtype, tma=None, seed=0) -> float:
+    """The ISTFT head's GEMM with the spectrum epilogue vs `ISTFTHead.spectrum` (native)."""
+    from chattts_vllm.audio.vocoder import ISTFTHead
+
+    head = ISTFTHead(dim, n_fft, n_fft // 4)
+    g = _gen(seed)
+    with torch.no_grad():
+        head.out.weight.copy_(torch.randn(head.out.weight.shape, generator=g) / dim ** 0.5)
+        head.out.bias.copy_(torch.randn(head.out.bias.shape, generator=g) * 0.5)
+    low, ref = _pair(head, device, dtype)
+    x = _x((b, t, dim), device, dtype, seed + 1)
+    out = triton_kernels("convnext").conv_gemm(x, low.out.weight, low.out.bias, out_dtype=torch.float32,
+                                               spectrum=True, tma=tma)
+    set_backend(ref, "native")
+    want = ref.spectrum(x.float())
+    assert out.shape == want.shape and out.dtype == torch.complex64
+    return rel(torch.view_as_real(out), torch.view_as_real(want))
+
+
+def istft_case(b, j, n_fft, hop, first, last, device, seed=0) -> float:
+    """Windowed overlap-add kernel (after the same irfft) vs `istft_window`, fp32."""
+    from chattts_vllm.audio.vocoder import ISTFT
+
+    ist = ISTFT(n_fft, hop).to(device)
+    g = _gen(seed)
+    spec = torch.complex(torch.randn(b, j, n_fft // 2 + 1, generator=g),
+                         torch.randn(b, j, n_fft // 2 + 1, generator=g)).to(device)
+    want = ist.forward_native(spec, first, last)
+    got = ist.forward_triton(spec, first, last)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    return rel(got, want) if want.numel() else 0.0
 
 
 def fused_mlp_case(b, t, c, i, tma, device, dtype, seed=0) -> float:
@@ -174,6 +208,15 @@ def interpreter_cases() -> dict[str, float]:
         res[f"conv3_gelu_{tag}"] = conv_case(2, 45, 24, 40, 3, cpu, f32, gelu=True, tma=tma)
         res[f"conv7_padded_in_{tag}"] = conv_case(2, 29, 20, 48, 7, cpu, f32, padded_input=True, tma=tma)
         res[f"conv3_scale_{tag}"] = conv_case(1, 70, 40, 36, 3, cpu, f32, scale=True, tma=tma)
+    res["linear_gelu_tma_grid"] = conv_case(2, 37, 48, 80, 0, cpu, f32, gelu=True, tma=True,
+                                            config={"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32,
+                                                    "GROUP_M": 4, "PERSISTENT": False})
+    res["spectrum_tma"] = spectrum_case(2, 23, 40, 64, cpu, f32, tma=True)
+    res["spectrum_ptr"] = spectrum_case(1, 19, 40, 64, cpu, f32, tma=False)
+    for first in (True, False):
+        for last in (True, False):
+            res[f"istft_first{int(first)}_last{int(last)}"] = istft_case(2, 9, 64, 16, first, last, cpu)
+    res["istft_one_frame"] = istft_case(1, 1, 64, 16, True, True, cpu)
     for mlp in ("split", "fused"):
         res[f"block_weight_dil2_{mlp}"] = block_case(2, 41, 64, 136, 2, "weight", mlp, cpu, f32)
         res[f"block_gamma_dil1_{mlp}"] = block_case(1, 33, 48, 80, 1, "gamma", mlp, cpu, f32)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_cases import (block_case, conv_case, dwconv_ln_case, fused_mlp_case, gfsq_case,
-                          model_case)
+                          istft_case, model_case, spectrum_case)
+
+from chattts_vllm.audio.convnext import triton_kernels
 
 pytestmark = pytest.mark.gpu
 DTYPES = {"bf16": (torch.bfloat16, 1e-2), "fp32": (torch.float32, 1e-4)}
@@ -58,6 +60,42 @@ def test_conv_gemm(dt, tma, name, args, kw):
     err = conv_case(B, T, *args, "cuda", dtype, tma=tma, **kw)
     print(f"{name} tma={tma} {dt}: {err:.2e}")
     assert err <= tol
+
+
+@pytest.mark.parametrize("name,args,kw", [
+    ("pwconv1+gelu", (512, 2048, 0), dict(gelu=True)),
+    ("pwconv2+scale+res", (2048, 512, 0), dict(scale=True, residual=True)),
+])
+def test_every_linear_autotune_candidate(name, args, kw):
+    """Each bf16 TMA linear config the autotuner may pick (persistent or not) compiles and is exact;
+    a config that does not fit the SM (OutOfResources) is skipped, as the autotuner does."""
+    import triton
+
+    k = triton_kernels("convnext")
+    for cfg in k._configs(k._LINEAR_SHAPES):
+        config = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        try:
+            err = conv_case(B, T, *args, "cuda", torch.bfloat16, tma=True, config=config, **kw)
+        except triton.runtime.errors.OutOfResources:
+            print(f"{name} {config}: out of resources")
+            continue
+        print(f"{name} {config}: {err:.2e}")
+        assert err <= 1e-2, config
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("tma", [None, False])
+def test_head_spectrum(dt, tma):
+    """Vocos head GEMM with the (log-magnitude, phase) → complex epilogue vs ISTFTHead.spectrum."""
+    dtype, tol = DTYPES[dt]
+    err = spectrum_case(B, T, 512, 1024, "cuda", dtype, tma=tma)
+    print(f"spectrum tma={tma} {dt}: {err:.2e}")
+    assert err <= tol
+
+
+@pytest.mark.parametrize("first,last", [(True, True), (False, False), (True, False), (False, True)])
+def test_istft_overlap_add(first, last):
+    assert istft_case(B, T, 1024, 256, first, last, "cuda") <= 1e-5
 
 
 @pytest.mark.parametrize("dt", DTYPES)

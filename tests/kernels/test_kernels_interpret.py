@@ -37,4 +37,5 @@ def test_both_code_paths_and_mlp_modes_covered(errors):
     names = set(errors)
     assert any(n.endswith("_tma") for n in names) and any(n.endswith("_ptr") for n in names)
     assert {"block_weight_dil2_split", "block_weight_dil2_fused", "gfsq", "model_decoder_wav",
-            "model_dvae_wav"} <= names
+            "model_dvae_wav", "spectrum_tma", "spectrum_ptr", "istft_first1_last1",
+            "istft_first0_last0", "linear_gelu_tma_grid"} <= names
