@@ -1,20 +1,38 @@
 """Offline throughput of ChatTTS on vLLM: 10 s utterances (470 frames) at several batch sizes.
 
-Rows: GPT only (frames/s and audio-s/s, codes and hidden states delivered to the caller), end to end
-(GPT, then Decoder + Vocos on the same GPU), and stock vLLM on a same-shape Llama (20 layers,
-hidden 768, vocab 626, one head) as the ceiling, all in the same run. Each engine runs in its own
-subprocess so that GPU memory is returned between them.
+Sweep (default): GPT only (frames/s and audio-s/s, codes and hidden states delivered to the caller),
+end to end (GPT, then Decoder + Vocos on the same GPU, audio copied to host memory) and stock vLLM
+on a same-shape Llama (20 layers, hidden 768, vocab 626, one head) as the ceiling, all in the same
+run. Both engines get the same tuning: CUDA graphs up to the largest batch (at least 512),
+`max_num_batched_tokens` 65,536, `gpu_memory_utilization` 0.85. Each engine runs in its own
+subprocess (engine core in-process: VLLM_ENABLE_V1_MULTIPROCESSING=0 unless set) so that GPU
+memory is returned between them.
 
     python benchmarks/bench_throughput.py [--batches 1 64 256 512 1024] [--frames 470]
 
-Writes benchmarks/results/throughput-<card>-<date>.json and a plot; prints a table last.
+Several engines per GPU: `--engines 1 2 3 4 --batches 512` starts max(N) ChatTTS engine processes
+on the one GPU, one after the other (engine k sized for the largest share it will get, KV cache set
+with `kv_cache_memory_bytes`), warms each up (GPT and the Decoder's Triton kernels, for every shape
+it will see), then runs one round per (N, batch): the first N engines each take their share of the
+batch, start together at a barrier and each decodes its own outputs; the round's wall time runs
+from the barrier to the last engine's end. Where the engines for all rounds do not fit in memory,
+each N gets its own set of processes. Rows go to the `engines` section; `best_config` is the best
+end-to-end row of either section.
+
+Levers: `--kv-cache-dtype fp8` (both ChatTTS and stock; sweep rows then go to `variants`), `--mps`
+(run the engines under an NVIDIA MPS daemon started and stopped by this script; untested).
+
+Writes (merges into) benchmarks/results/throughput-<card>-<date>[-tag].json and a plot; prints a
+short table last. `--smoke` runs a tiny CPU-sized version (2 layers, 16 frames) of the same code.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,73 +40,135 @@ import time
 from pathlib import Path
 
 FPS = 46.875
+SAMPLE_RATE = 24000
 RESULTS = Path(__file__).resolve().parent / "results"
+DECODE_CHUNK = 64
+BLOCK = 16                       # KV-cache block size (tokens)
+OVERHEAD_GIB = 5.0               # per engine besides its KV cache: weights, activations, graphs, audio
+TEXT = "utterance {} of the throughput benchmark, ten seconds long."
 
 
-def card_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0).replace(" ", "-") if torch.cuda.is_available() else "cpu"
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def engine_kwargs(max_batch: int, dtype: str) -> dict:
-    import torch
+def gpu_info() -> tuple[str, float]:
+    """(card name with dashes, total GiB) from nvidia-smi, so the parent holds no CUDA context."""
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True).stdout.strip().splitlines()
+        if out:
+            name, mem = out[0].rsplit(",", 1)
+            return name.strip().replace(" ", "-"), float(mem) / 1024
+    return "cpu", 0.0
 
-    kw = dict(dtype=dtype, max_model_len=1024, max_num_seqs=max_batch,
-              enable_prefix_caching=False)
-    if torch.cuda.is_available():
-        kw.update(gpu_memory_utilization=0.85, max_num_batched_tokens=65536,
-                  compilation_config={"max_cudagraph_capture_size": max(512, max_batch)})
-    return kw
+
+def has_cuda() -> bool:
+    return gpu_info()[0] != "cpu"
 
 
-def run_chattts(model_dir: str, batches: list[int], frames: int, dtype: str, e2e: bool) -> list[dict]:
+# -- the work of one engine process ----------------------------------------------------------------
+
+def requests_for(start: int, n: int, frames: int):
+    from chattts_vllm.params import InferCodeParams
+
+    texts = [TEXT.format(i) for i in range(start, start + n)]
+    ps = [InferCodeParams(manual_seed=i, min_new_token=frames, max_new_token=frames)
+          for i in range(start, start + n)]
+    return texts, ps
+
+
+def decode_shapes(share: int) -> set[int]:
+    """Batch sizes of the decode chunks of `share` utterances."""
+    return {min(DECODE_CHUNK, share - i) for i in range(0, share, DECODE_CHUNK)} if share else set()
+
+
+def decode(audio, hidden: list, cuda: bool) -> int:
+    """Decoder + Vocos on all utterances in chunks; the audio ends in host memory. Returns samples."""
     import numpy as np
     import torch
 
-    from chattts_vllm.params import InferCodeParams
+    dev, dtype = audio.vocos.head.out.weight.device, audio.vocos.head.out.weight.dtype
+    samples = 0
+    with torch.inference_mode():
+        for i in range(0, len(hidden), DECODE_CHUNK):
+            h = torch.from_numpy(np.stack(hidden[i:i + DECODE_CHUNK])).to(dev).to(dtype)
+            wav = audio.vocos.decode_frames(audio.decoder.decode_frames(h))
+            samples += wav.float().cpu().numel()
+        if cuda:
+            torch.cuda.synchronize()
+    return samples
+
+
+def warm_decoder(audio, shapes: set[int], frames: int, cuda: bool) -> None:
+    """Triton JIT / autotuning for every (chunk, frames) shape that a timed decode will use."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for b in sorted(shapes):
+        decode(audio, [rng.standard_normal((frames, 768), dtype=np.float32) for _ in range(b)], cuda)
+
+
+def wait_file(path: Path, deadline: float | None = None) -> str:
+    while not path.exists():
+        if deadline is not None and time.time() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.002)
+    time.sleep(0.005)                                    # written with one write; let it land
+    return path.read_text()
+
+
+def child_engine(args) -> None:
+    """One ChatTTS engine: start, warm up, then one timed share per round, each after the barrier."""
+    import torch
+
+    from chattts_vllm.audio.checkpoint import load_audio_models
     from chattts_vllm.synthesize import ChatTTS
 
-    tts = ChatTTS(model_dir, **engine_kwargs(max(batches), dtype))
-    audio = None
-    if e2e:
-        from chattts_vllm.audio.checkpoint import load_audio_models
+    plan = json.loads(Path(args.plan).read_text())
+    k, sync, frames = args.rank, Path(args.sync), plan["frames"]
+    shares = [r["shares"][k] if k < len(r["shares"]) else 0 for r in plan["rounds"]]
+    offsets = [sum(r["shares"][:k]) for r in plan["rounds"]]
+    cuda = torch.cuda.is_available()
+    t0 = time.time()
+    tts = ChatTTS(args.model, **plan["engine_kwargs"][k])
+    audio = load_audio_models(args.model, device="cuda" if cuda else "cpu",
+                              dtype=torch.bfloat16 if cuda else torch.float32)
+    t_up = time.time()
+    big = max(shares)
+    texts, ps = requests_for(10**6 * (k + 1), big, min(24, frames))
+    tts.infer_code(texts, ps, use_tqdm=False)                     # every batch size down from `big`
+    tts.infer_code(texts[:1], ps[:1], use_tqdm=False)
+    warm_decoder(audio, set().union(*map(decode_shapes, shares)), frames, cuda)
+    log(f"engine {k}: up in {t_up - t0:.0f} s, warmed in {time.time() - t_up:.0f} s")
+    (sync / f"ready-{k}").write_text(json.dumps({"start_s": t_up - t0, "warm_s": time.time() - t_up}))
+    for r, (share, off) in enumerate(zip(shares, offsets)):
+        t_go = float(wait_file(sync / f"go-{r}"))
+        while time.time() < t_go:
+            pass
+        out = {"share": share}
+        if share:
+            texts, ps = requests_for(off, share, frames)
+            t_start = time.time()
+            res = tts.infer_code(texts, ps, use_tqdm=False)
+            t_gpt = time.time()
+            samples = decode(audio, [x.hidden for x in res], cuda)
+            t_end = time.time()
+            out.update(frames=sum(x.num_frames for x in res), samples=samples, t_go=t_go,
+                       t_start=t_start, t_gpt_end=t_gpt, t_end=t_end, gpt_s=t_gpt - t_start,
+                       decode_s=t_end - t_gpt)
+        tmp = sync / f".done-{r}-{k}"
+        tmp.write_text(json.dumps(out))
+        tmp.rename(sync / f"done-{r}-{k}")
+    sys.stdout.flush()
+    os._exit(0)                          # skip the engine's teardown: the parent only needs the files
 
-        audio = load_audio_models(model_dir, device="cuda" if torch.cuda.is_available() else "cpu",
-                                  dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    rows = []
-    for b in batches:
-        texts = [f"utterance {i} of the throughput benchmark, ten seconds long." for i in range(b)]
-        ps = [InferCodeParams(manual_seed=i, min_new_token=frames, max_new_token=frames) for i in range(b)]
-        tts.infer_code(texts[: min(b, 8)], ps[: min(b, 8)], use_tqdm=False)  # warm-up
-        t0 = time.perf_counter()
-        res = tts.infer_code(texts, ps, use_tqdm=False)
-        t_gpt = time.perf_counter() - t0
-        n = sum(r.num_frames for r in res)
-        row = dict(batch=b, frames=n, gpt_s=t_gpt, gpt_frames_per_s=n / t_gpt,
-                   gpt_audio_s_per_s=n / FPS / t_gpt)
-        if audio is not None:
-            t1 = time.perf_counter()
-            with torch.inference_mode():
-                dev = next(audio.decoder.parameters()).device
-                for i in range(0, b, 64):
-                    h = torch.from_numpy(np.stack([r.hidden for r in res[i:i + 64]])).to(dev)
-                    mel = audio.decoder(h.transpose(1, 2).to(next(audio.decoder.parameters()).dtype))
-                    audio.vocos(mel)
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-            t_dec = time.perf_counter() - t1
-            row.update(decode_s=t_dec, e2e_audio_s_per_s=n / FPS / (t_gpt + t_dec))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
 
-
-def make_stock_llama(path: Path) -> str:
+def make_stock_llama(path: Path, num_layers: int) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=20,
+    cfg = LlamaConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=num_layers,
                       num_attention_heads=12, num_key_value_heads=12, vocab_size=626,
                       max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
                       bos_token_id=None, eos_token_id=None, pad_token_id=None)
@@ -97,105 +177,395 @@ def make_stock_llama(path: Path) -> str:
     return str(path)
 
 
-def run_stock(model_dir: str, batches: list[int], frames: int, dtype: str) -> list[dict]:
+def child_stock(args) -> None:
     import random
 
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_dir, skip_tokenizer_init=True, **engine_kwargs(max(batches), dtype))
+    plan = json.loads(Path(args.plan).read_text())
+    frames = plan["frames"]
+    llm = LLM(model=args.model, skip_tokenizer_init=True, **plan["engine_kwargs"][0])
     sp = SamplingParams(temperature=0.3, top_p=0.7, top_k=20, repetition_penalty=1.05,
                         max_tokens=frames, min_tokens=frames, ignore_eos=True, detokenize=False)
     rows = []
-    for b in batches:
+    for b in plan["batches"]:
         prompts = [{"prompt_token_ids": [random.randrange(626) for _ in range(20)]} for _ in range(b)]
-        llm.generate(prompts[: min(b, 8)], sp, use_tqdm=False)
+        llm.generate(prompts[:min(b, 8)], sp, use_tqdm=False)          # warm-up
         t0 = time.perf_counter()
         outs = llm.generate(prompts, sp, use_tqdm=False)
         t = time.perf_counter() - t0
         n = sum(len(o.outputs[0].token_ids) for o in outs)
         rows.append(dict(batch=b, stock_frames_per_s=n / t, stock_llama_audio_s_per_s=n / FPS / t))
         print(json.dumps(rows[-1]), flush=True)
+    Path(args.out).write_text(json.dumps(rows))
+    sys.stdout.flush()
+    os._exit(0)
+
+
+# -- planning (parent) ----------------------------------------------------------------------------
+
+def shares_of(batch: int, n: int) -> list[int]:
+    return [batch // n + (k < batch % n) for k in range(n)]
+
+
+def kv_bytes_per_token(model_dir: Path, kv_dtype: str, dtype: str) -> int:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    size = 1 if kv_dtype.startswith("fp8") else (4 if dtype == "float32" else 2)
+    return cfg["num_hidden_layers"] * 2 * kv_heads * head_dim * size
+
+
+def max_prompt_len(model_dir: Path, batch: int) -> int:
+    from chattts_vllm.gpt.requests import code_request
+    from chattts_vllm.text.prompt import ChatTTSTokenizer
+
+    tok = ChatTTSTokenizer.from_dir(model_dir)
+    _, (params,) = requests_for(0, 1, 1)
+    return max(len(code_request(tok, TEXT.format(i), params).prompt["prompt_token_ids"])
+               for i in (0, batch, 10**6 * 9 + batch))
+
+
+def base_kwargs(args, cuda: bool) -> dict:
+    kw = dict(dtype=args.dtype, max_model_len=args.max_model_len, enable_prefix_caching=False)
+    if args.kv_cache_dtype != "auto":
+        kw["kv_cache_dtype"] = args.kv_cache_dtype
+    if not cuda:
+        kw["enforce_eager"] = True
+    return kw
+
+
+def sweep_kwargs(args, max_batch: int, cuda: bool) -> dict:
+    kw = dict(base_kwargs(args, cuda), max_num_seqs=max_batch)
+    if cuda:
+        kw.update(gpu_memory_utilization=0.85, max_num_batched_tokens=65536,
+                  compilation_config={"max_cudagraph_capture_size": max(512, max_batch)})
+    return kw
+
+
+def engine_sets(args, model: Path, cuda: bool, total_gib: float) -> list[dict]:
+    """Process sets for the multi-engine rounds: one set for all rounds if it fits in memory."""
+    rounds = [dict(engines=n, batch=b, shares=shares_of(b, n)) for b in args.batches for n in args.engines]
+    per_seq = math.ceil((max_prompt_len(model, max(args.batches)) + args.frames + 1) / BLOCK) * BLOCK
+    per_tok = kv_bytes_per_token(model, args.kv_cache_dtype, args.dtype)
+
+    def make(rounds_: list[dict], ids: list[int]) -> dict:
+        n = max(len(r["shares"]) for r in rounds_)
+        kws = []
+        for k in range(n):
+            share = max(r["shares"][k] if k < len(r["shares"]) else 0 for r in rounds_)
+            kw = dict(base_kwargs(args, cuda), max_num_seqs=max(share, 1))
+            if cuda:
+                kv = int(share * per_seq * per_tok * 1.1) + (256 << 20)
+                kw.update(kv_cache_memory_bytes=kv,
+                          gpu_memory_utilization=round(min(0.9 / n, kv / 2**30 / total_gib + 0.03), 3),
+                          max_num_batched_tokens=min(65536, max(8192, share * 128)),
+                          compilation_config={"max_cudagraph_capture_size": max(share, 1)})
+            kws.append(kw)
+        need = sum(kw.get("kv_cache_memory_bytes", 0) / 2**30 + OVERHEAD_GIB for kw in kws)
+        return dict(rounds=rounds_, round_ids=ids, engine_kwargs=kws, need_gib=need)
+
+    one = make(rounds, list(range(len(rounds))))
+    if not cuda or one["need_gib"] <= 0.9 * total_gib:
+        return [one]
+    log(f"all rounds in one set need {one['need_gib']:.0f} GiB > 90% of {total_gib:.0f}: one set per round")
+    return [make([r], [i]) for i, r in enumerate(rounds)]
+
+
+def child_env(cuda: bool, frame_dir: str | None) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Engine core in-process: the spawned one hangs on the GPU machine, and the children end with
+    # os._exit, which must not leave an engine-core process behind.
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if not cuda:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if frame_dir:
+        env["CHATTTS_VLLM_FRAME_DIR"] = frame_dir
+    return env
+
+
+def run_engine_set(args, model: Path, eset: dict, work: Path, env: dict, deadline: float) -> list[dict]:
+    """Start the set's engines one after the other, then run its rounds; rows for finished rounds."""
+    sync = work / f"sync-{eset['round_ids'][0]}"
+    sync.mkdir()
+    plan = dict(frames=args.frames, rounds=eset["rounds"], engine_kwargs=eset["engine_kwargs"])
+    (sync / "plan.json").write_text(json.dumps(plan))
+    procs, rows = [], []
+    try:
+        for k in range(len(eset["engine_kwargs"])):
+            procs.append(subprocess.Popen(
+                [sys.executable, __file__, "--child", "engine", "--rank", str(k), "--model", str(model),
+                 "--plan", str(sync / "plan.json"), "--sync", str(sync)], env=env))
+            while not (sync / f"ready-{k}").exists():
+                if procs[k].poll() is not None:
+                    raise RuntimeError(f"engine {k} exited with {procs[k].returncode} before it was ready")
+                if time.time() > deadline:
+                    raise TimeoutError(f"engine {k} not ready before the deadline")
+                time.sleep(0.2)
+        ready = [json.loads((sync / f"ready-{k}").read_text()) for k in range(len(procs))]
+        for r, rnd in enumerate(eset["rounds"]):
+            t_go = time.time() + 0.3
+            (sync / f"go-{r}").write_text(repr(t_go))
+            outs = []
+            for k, p in enumerate(procs):
+                f = sync / f"done-{r}-{k}"
+                while not f.exists():
+                    if p.poll() is not None:
+                        raise RuntimeError(f"engine {k} exited with {p.returncode} in round {rnd}")
+                    if time.time() > deadline:
+                        raise TimeoutError(f"round {rnd} not done before the deadline")
+                    time.sleep(0.01)
+                outs.append(json.loads(f.read_text()))
+            act = [o for o in outs if o["share"]]
+            n = sum(o["frames"] for o in act)
+            gpt_wall = max(o["t_gpt_end"] for o in act) - t_go
+            e2e_wall = max(o["t_end"] for o in act) - t_go
+            row = dict(engines=rnd["engines"], batch=rnd["batch"], shares=rnd["shares"], frames=n,
+                       gpt_s=gpt_wall, gpt_frames_per_s=n / gpt_wall, gpt_audio_s_per_s=n / FPS / gpt_wall,
+                       decode_s=max(o["decode_s"] for o in act), e2e_s=e2e_wall,
+                       e2e_audio_s_per_s=n / FPS / e2e_wall,
+                       per_engine_gpt_s=[round(o["gpt_s"], 3) for o in act],
+                       start_skew_s=max(o["t_start"] for o in act) - t_go,
+                       engine_start_s=[round(x["start_s"], 1) for x in ready],
+                       kv_cache_dtype=args.kv_cache_dtype, mps=args.mps)
+            rows.append(row)
+            log(f"round engines={row['engines']} batch={row['batch']}: gpt {row['gpt_audio_s_per_s']:.1f}, "
+                f"e2e {row['e2e_audio_s_per_s']:.1f} audio-s/s (gpt {gpt_wall:.2f} s, e2e {e2e_wall:.2f} s)")
+    except (RuntimeError, TimeoutError) as e:
+        log(f"engine set stopped early: {e}")
+    finally:
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
     return rows
 
 
-def _child(args) -> None:
-    if args.child == "chattts":
-        rows = run_chattts(args.model, args.batches, args.frames, args.dtype, e2e=True)
-    else:
-        rows = run_stock(args.model, args.batches, args.frames, args.dtype)
-    Path(args.out).write_text(json.dumps(rows))
+def run_stock(args, work: Path, env: dict, cuda: bool, deadline: float) -> dict[int, dict]:
+    path = make_stock_llama(work / "stock", args.num_layers)
+    plan = dict(frames=args.frames, batches=args.batches,
+                engine_kwargs=[sweep_kwargs(args, max(args.batches), cuda)])
+    (work / "stock-plan.json").write_text(json.dumps(plan))
+    out = work / "stock.json"
+    try:
+        subprocess.run([sys.executable, __file__, "--child", "stock", "--model", path, "--plan",
+                        str(work / "stock-plan.json"), "--out", str(out)], env=env, check=True,
+                       timeout=max(10.0, deadline - time.time()))
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        log(f"stock run failed: {e}")
+        return {}
+    return {r["batch"]: r for r in json.loads(out.read_text())}
+
+
+# -- results ------------------------------------------------------------------------------------
+
+def merge(old: list[dict], new: list[dict], key) -> list[dict]:
+    keys = {key(r) for r in new}
+    return sorted([r for r in old if key(r) not in keys] + new, key=key)
+
+
+def best_config(data: dict) -> dict | None:
+    cands = [dict(r, engines=r.get("engines", 1)) for sec in ("rows", "variants", "engines")
+             for r in data.get(sec, []) if r.get("e2e_audio_s_per_s")]
+    return max(cands, key=lambda r: r["e2e_audio_s_per_s"], default=None)
+
+
+def plot(data: dict, path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        log("matplotlib not installed: no plot")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    eng = data.get("engines", [])
+    fig, axes = plt.subplots(1, 2 if eng else 1, figsize=(11 if eng else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    for sec, suffix in (("rows", ""), ("variants", " (kv {})")):
+        for key, label in [("gpt_audio_s_per_s", "ChatTTS GPT only"),
+                           ("e2e_audio_s_per_s", "ChatTTS end to end"),
+                           ("stock_llama_audio_s_per_s", "stock vLLM Llama (ceiling)")]:
+            groups: dict[str, list] = {}
+            for r in data.get(sec, []):
+                if key in r:
+                    groups.setdefault(r.get("kv_cache_dtype", "auto"), []).append((r["batch"], r[key]))
+            for kv, pts in groups.items():
+                ax.plot(*zip(*sorted(pts)), marker="o", linestyle="-" if sec == "rows" else "--",
+                        label=label + suffix.format(kv))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch (concurrent 10 s utterances)")
+    ax.set_ylabel("audio seconds per second")
+    ax.set_title("one engine", fontsize=9)
+    ax.legend(fontsize=7)
+    if eng:
+        ax = axes[0][1]
+        groups = {}
+        for r in eng:
+            groups.setdefault((r["batch"], r.get("kv_cache_dtype", "auto"), r.get("mps", False)), []).append(r)
+        for (b, kv, mps), rs in sorted(groups.items()):
+            rs = sorted(rs, key=lambda r: r["engines"])
+            tag = f"batch {b}" + (f", kv {kv}" if kv != "auto" else "") + (", MPS" if mps else "")
+            ax.plot([r["engines"] for r in rs], [r["e2e_audio_s_per_s"] for r in rs], marker="o",
+                    label=f"end to end, {tag}")
+            ax.plot([r["engines"] for r in rs], [r["gpt_audio_s_per_s"] for r in rs], marker="x",
+                    linestyle=":", label=f"GPT, {tag}")
+        ax.set_xlabel("engine processes on the GPU (batch split between them)")
+        ax.set_ylabel("audio seconds per second")
+        ax.set_title("several engines per GPU", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{data['card']}, {data['date']}, vLLM {data['vllm']}, {data['frames']} frames/utterance",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def print_tables(data: dict) -> None:
+    print(f"\n{'batch':>6} {'kv':>5} {'gpt fr/s':>10} {'gpt aud/s':>10} {'e2e aud/s':>10} "
+          f"{'stock aud/s':>12} {'gpt/stock':>9} {'e2e/gpt':>8}")
+    for r in data.get("rows", []) + data.get("variants", []):
+        g, e, s = (r.get(k, 0) or 0 for k in ("gpt_audio_s_per_s", "e2e_audio_s_per_s",
+                                              "stock_llama_audio_s_per_s"))
+        print(f"{r['batch']:>6} {r.get('kv_cache_dtype', 'auto'):>5} {r.get('gpt_frames_per_s', 0):>10.0f} "
+              f"{g:>10.1f} {e:>10.1f} {s:>12.1f} {g / s if s else 0:>9.2f} {e / g if g else 0:>8.2f}")
+    if data.get("engines"):
+        print(f"\n{'engines':>7} {'batch':>6} {'kv':>5} {'mps':>4} {'gpt aud/s':>10} {'e2e aud/s':>10} "
+              f"{'gpt s':>7} {'e2e s':>7}")
+        for r in data["engines"]:
+            print(f"{r['engines']:>7} {r['batch']:>6} {r.get('kv_cache_dtype', 'auto'):>5} "
+                  f"{'y' if r.get('mps') else 'n':>4} {r['gpt_audio_s_per_s']:>10.1f} "
+                  f"{r['e2e_audio_s_per_s']:>10.1f} {r['gpt_s']:>7.2f} {r['e2e_s']:>7.2f}")
+    b = data.get("best_config")
+    if b:
+        print(f"\nbest: {b['engines']} engine(s), batch {b['batch']}, kv {b.get('kv_cache_dtype', 'auto')}: "
+              f"e2e {b['e2e_audio_s_per_s']:.1f} audio-s/s")
+
+
+class MPS:
+    """An MPS control daemon for the run's engine processes (pipe and log dirs private to the run)."""
+
+    def __init__(self, root: Path, env: dict):
+        if not shutil.which("nvidia-cuda-mps-control"):
+            raise SystemExit("--mps: nvidia-cuda-mps-control not found")
+        self.env = dict(env, CUDA_MPS_PIPE_DIRECTORY=str(root / "mps-pipe"),
+                        CUDA_MPS_LOG_DIRECTORY=str(root / "mps-log"))
+        for d in ("mps-pipe", "mps-log"):
+            (root / d).mkdir()
+        subprocess.run(["nvidia-cuda-mps-control", "-d"], env=self.env, check=True)
+        log("MPS daemon started")
+
+    def stop(self) -> None:
+        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, env=self.env)
+        log("MPS daemon stopped")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256, 512, 1024])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", type=int, nargs="+", default=None,
+                   help="default 1 64 256 512 1024 (sweep) or 512 (--engines)")
     p.add_argument("--frames", type=int, default=470)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--num-layers", type=int, default=20)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--engines", type=int, nargs="+", default=None,
+                   help="several engine processes per GPU: engine counts to measure (skips the sweep)")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto (= model dtype) or fp8")
+    p.add_argument("--mps", action="store_true", help="run the engines under an MPS daemon (untested)")
     p.add_argument("--skip-stock", action="store_true")
-    p.add_argument("--child", choices=["chattts", "stock"])
-    p.add_argument("--model")
-    p.add_argument("--out")
+    p.add_argument("--time-limit", type=float, default=510,
+                   help="seconds; rounds not finished by then are dropped and the results written")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU-sized run: 2 layers, 16 frames, float32")
+    p.add_argument("--tag", default="", help="suffix of the result file name")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--child", choices=["engine", "stock"], help=argparse.SUPPRESS)
+    p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--plan", help=argparse.SUPPRESS)
+    p.add_argument("--sync", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.child:
-        return _child(args)
+    if args.child == "engine":
+        return child_engine(args)
+    if args.child == "stock":
+        return child_stock(args)
+
+    t_begin = time.time()
+    deadline = t_begin + args.time_limit
+    card, total_gib = gpu_info()
+    cuda = card != "cpu"
+    if args.smoke:
+        args.num_layers, args.frames, args.dtype = 2, min(args.frames, 16), "float32"
+        args.tag = args.tag or "smoke"
+    args.batches = args.batches or ([512] if args.engines else [1, 64, 256, 512, 1024])
+    if args.smoke and not any(a.startswith("--batches") for a in sys.argv):
+        args.batches = [4] if args.engines else [1, 4]
 
     from chattts_vllm.checkpoint import convert, write_random_asset
 
     with tempfile.TemporaryDirectory() as d:
-        d = Path(d)
-        write_random_asset(d / "asset", num_layers=args.num_layers, seed=0)
-        model = convert(d / "asset", d / "model")
-        results = {}
-        jobs = [("chattts", str(model))]
-        if not args.skip_stock:
-            jobs.append(("stock", make_stock_llama(d / "stock")))
-        for name, path in jobs:
-            out = d / f"{name}.json"
-            cmd = [sys.executable, __file__, "--child", name, "--model", path, "--out", str(out),
-                   "--frames", str(args.frames), "--dtype", args.dtype, "--batches",
-                   *map(str, args.batches)]
-            subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            results[name] = {r["batch"]: r for r in json.loads(out.read_text())}
+        work = Path(d)
+        write_random_asset(work / "asset", num_layers=args.num_layers, seed=0)
+        model = Path(convert(work / "asset", work / "model"))
+        log(f"checkpoint ready ({time.time() - t_begin:.0f} s)")
+        need = max(args.batches) * args.frames * (16 + 4 * 768) * 1.2
+        shm = Path("/dev/shm")
+        frame_dir = None
+        if shm.is_dir() and shutil.disk_usage(shm).free < need:
+            frame_dir = str(work / "frames")
+            log(f"/dev/shm has less than {need / 2**30:.1f} GiB free: frames go to {frame_dir}")
+        env = child_env(cuda, frame_dir)
+        mps = MPS(work, env) if args.mps else None
+        env = mps.env if mps else env
+        try:
+            if args.engines:
+                eng_rows = []
+                for eset in engine_sets(args, model, cuda, total_gib):
+                    log(f"engine set: {len(eset['engine_kwargs'])} engines, {len(eset['rounds'])} rounds, "
+                        f"~{eset['need_gib']:.0f} GiB")
+                    eng_rows += run_engine_set(args, model, eset, work, env, deadline)
+                sweep, stock = [], {}
+            else:
+                eset = dict(rounds=[dict(engines=1, batch=b, shares=[b]) for b in args.batches],
+                            round_ids=[0], engine_kwargs=[sweep_kwargs(args, max(args.batches), cuda)],
+                            need_gib=0)
+                sweep = run_engine_set(args, model, eset, work, env, deadline)
+                stock = {} if args.skip_stock else run_stock(args, work, env, cuda, deadline)
+                eng_rows = []
+        finally:
+            if mps:
+                mps.stop()
 
     import vllm
 
+    date = dt.date.today().isoformat()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"throughput-{card}-{date}{'-' + args.tag if args.tag else ''}.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(card=card, date=date, vllm=vllm.__version__, frames=args.frames,
+                num_layers=args.num_layers, dtype=args.dtype)
     rows = []
-    for b in args.batches:
-        row = {"batch": b, **results["chattts"].get(b, {}), **results.get("stock", {}).get(b, {})}
-        rows.append(row)
-    card, date = card_name(), dt.date.today().isoformat()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"throughput-{card}-{date}.json"
-    path.write_text(json.dumps({"card": card, "date": date, "vllm": vllm.__version__,
-                                "frames": args.frames, "rows": rows}, indent=1))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for key, label in [("gpt_audio_s_per_s", "ChatTTS GPT only"),
-                           ("e2e_audio_s_per_s", "ChatTTS end to end"),
-                           ("stock_llama_audio_s_per_s", "stock vLLM Llama (ceiling)")]:
-            pts = [(r["batch"], r[key]) for r in rows if key in r]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch (concurrent 10 s utterances)")
-        ax.set_ylabel("audio seconds per second")
-        ax.set_title(f"{card}, {date}, vLLM {vllm.__version__}")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path.with_suffix(".png"))
-    except ImportError:
-        pass
-    print(f"\nwrote {path}")
-    print(f"{'batch':>6} {'gpt fr/s':>10} {'gpt aud/s':>10} {'e2e aud/s':>10} {'stock aud/s':>12}")
-    for r in rows:
-        print(f"{r['batch']:>6} {r.get('gpt_frames_per_s', 0):>10.0f} {r.get('gpt_audio_s_per_s', 0):>10.1f} "
-              f"{r.get('e2e_audio_s_per_s', 0):>10.1f} {r.get('stock_llama_audio_s_per_s', 0):>12.1f}")
+    for r in sweep:
+        row = {k: v for k, v in r.items() if k not in ("engines", "shares", "per_engine_gpt_s", "start_skew_s",
+                                                       "e2e_s", "mps")}
+        rows.append({**row, **stock.get(r["batch"], {})})
+    if rows:
+        sec = "rows" if args.kv_cache_dtype == "auto" else "variants"
+        data[sec] = merge(data.get(sec, []), rows, key=lambda r: (r.get("kv_cache_dtype", "auto"), r["batch"]))
+    if eng_rows:
+        data["engines"] = merge(data.get("engines", []), eng_rows,
+                                key=lambda r: (r.get("kv_cache_dtype", "auto"), bool(r.get("mps")),
+                                               r["batch"], r["engines"]))
+    data["best_config"] = best_config(data)
+    data["notes"] = ("audio-s/s = frames / 46.875 / wall s; e2e = GPT, then Decoder + Vocos (bf16, Triton, "
+                     "warmed up for every shape), audio copied to host; engines rows: N engine processes "
+                     "on one GPU, the batch split between them, wall time from a common start to the last "
+                     "engine's end")
+    path.write_text(json.dumps(data, indent=1))
+    plot(data, path.with_suffix(".png"))
+    log(f"wrote {path} (+ .png), {time.time() - t_begin:.0f} s in all")
+    print_tables(data)
 
 
 if __name__ == "__main__":
