@@ -2,11 +2,19 @@
 
 Against a running server (`chattts-vllm serve MODEL`), each level runs `concurrency` clients in a
 closed loop, each sending `--rounds` streamed requests (`stream_format: audio`, pcm) one after the
-other. Per request: time to first audio byte (TTFA) and real-time factor (wall time / audio
-seconds); per level: audio seconds produced per wall second.
+other. Per request: time to first audio byte (TTFA), real-time factor (wall time / audio seconds)
+and stall time (a client that starts playing at the first byte and then waits whenever the next
+bytes are late); per level: audio seconds produced per wall second. `--first-chunk-frames 0 24`
+measures each level in each streaming mode: 0 is the exact stream (first audio after the decoders'
+53-frame lookahead), F > 0 the low-latency first chunk after F frames (`stream_first_chunk_frames`).
 
     python benchmarks/bench_serving.py http://127.0.0.1:8000                       # 1 8 32 128 256
     python benchmarks/bench_serving.py http://127.0.0.1:8000 --concurrency 1 4 --rounds 1 --tag smoke
+    python benchmarks/bench_serving.py --serve random --concurrency 1 64 --first-chunk-frames 0 24
+
+`--serve MODEL` (a model folder, or `random` for a `--serve-layers`-layer random checkpoint) starts
+`chattts-vllm serve` itself (extra flags in `--serve-args`; `--inproc` runs its engine core in the
+server process), waits for /health, runs the sweep and stops it; its log goes next to the results.
 
 Writes benchmarks/results/serving-<card>-<date>[-tag].json (+ .png) and prints a table last.
 `--min-new-token`/`--max-new-token` fix the utterance length (random weights end early).
@@ -15,10 +23,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
+import os
+import shlex
 import shutil
+import signal
+import socket
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,17 +60,25 @@ def card_name() -> tuple[str, str]:
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> dict:
     t0 = time.perf_counter()
-    ttfa, nbytes = None, 0
+    ttfa, nbytes, play, stall = None, 0, 0.0, 0.0
     async with client.stream("POST", f"{url}/v1/audio/speech", json=body) as r:
         if r.status_code != 200:
             return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
         async for chunk in r.aiter_bytes():
-            if chunk and ttfa is None:
-                ttfa = time.perf_counter() - t0
+            if not chunk:
+                continue
+            now = time.perf_counter() - t0
+            if ttfa is None:
+                ttfa = play = now              # playback starts with the first byte
+            elif now > play:
+                stall += now - play            # the buffer ran dry before this chunk came
+                play = now
+            play += len(chunk) / 2 / SAMPLE_RATE
             nbytes += len(chunk)
     wall = time.perf_counter() - t0
     audio_s = nbytes / 2 / SAMPLE_RATE
-    return {"ttfa_s": ttfa if ttfa is not None else wall, "wall_s": wall, "audio_s": audio_s}
+    return {"ttfa_s": ttfa if ttfa is not None else wall, "wall_s": wall, "audio_s": audio_s,
+            "stall_s": stall}
 
 
 async def run_level(url: str, body: dict, concurrency: int, rounds: int, bar: tqdm) -> dict:
@@ -76,13 +99,20 @@ async def run_level(url: str, body: dict, concurrency: int, rounds: int, bar: tq
     errors = [r["error"] for r in results if "error" in r]
     ttfa = np.array([r["ttfa_s"] for r in ok]) * 1e3
     rtf = np.array([r["wall_s"] / r["audio_s"] for r in ok if r["audio_s"] > 0])
+    stall = np.array([r["stall_s"] for r in ok]) * 1e3
     audio = sum(r["audio_s"] for r in ok)
     pct = (lambda a, q: float(np.percentile(a, q)) if a.size else None)
-    return dict(concurrency=concurrency, requests=len(results), errors=len(errors),
-                first_error=errors[0] if errors else None,
-                ttfa_p50_ms=pct(ttfa, 50), ttfa_p99_ms=pct(ttfa, 99),
+    return dict(concurrency=concurrency, first_chunk_frames=body.get("stream_first_chunk_frames", 0),
+                requests=len(results), errors=len(errors), first_error=errors[0] if errors else None,
+                ttfa_p50_ms=pct(ttfa, 50), ttfa_p95_ms=pct(ttfa, 95), ttfa_p99_ms=pct(ttfa, 99),
                 rtf_p50=pct(rtf, 50), rtf_p99=pct(rtf, 99),
+                stall_p50_ms=pct(stall, 50), stall_p95_ms=pct(stall, 95),
+                stalled_frac=float((stall > 0).mean()) if stall.size else None,
                 audio_s_per_s=audio / wall, audio_s_total=audio, wall_s=wall)
+
+
+def _mode(f: int) -> str:
+    return "exact" if not f else f"first chunk {f} frames"
 
 
 def plot(rows: list[dict], title: str, path: Path) -> None:
@@ -91,28 +121,84 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    c = [r["concurrency"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(c, [r["ttfa_p50_ms"] for r in rows], marker="o", label="p50")
-    a.plot(c, [r["ttfa_p99_ms"] for r in rows], marker="o", label="p99")
+    for f in sorted({r.get("first_chunk_frames", 0) for r in rows}):
+        rs = [r for r in rows if r.get("first_chunk_frames", 0) == f and r["ttfa_p50_ms"] is not None]
+        c = [r["concurrency"] for r in rs]
+        line, = a.plot(c, [r["ttfa_p50_ms"] for r in rs], marker="o", label=f"{_mode(f)} p50")
+        a.plot(c, [r["ttfa_p95_ms"] for r in rs], marker="x", linestyle="--", color=line.get_color(),
+               label=f"{_mode(f)} p95")
+        b.plot(c, [r["audio_s_per_s"] for r in rs], marker="o", label=_mode(f))
+    a.axhline(150, color="grey", linewidth=0.8, linestyle=":")
     a.set_ylabel("time to first audio (ms)")
-    b.plot(c, [r["audio_s_per_s"] for r in rows], marker="o")
     b.set_ylabel("audio seconds / second")
     for ax in (a, b):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")
         ax.grid(alpha=0.3)
-    a.legend()
+        ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(model: str, layers: int, extra: list[str], inproc: bool, log: Path, timeout: float):
+    """`chattts-vllm serve` on a free port until the block ends; yields its URL."""
+    with tempfile.TemporaryDirectory() as d:
+        if model == "random":
+            from chattts_vllm.checkpoint import convert, write_random_asset
+
+            write_random_asset(Path(d) / "asset", num_layers=layers, seed=0)
+            model = str(convert(Path(d) / "asset", Path(d) / "model"))
+        port = free_port()
+        argv = [sys.executable, "-c", "import sys; from chattts_vllm.cli import main; sys.exit(main())",
+                "serve", model, "--port", str(port), *extra]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if inproc:
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        print(f"starting {shlex.join(argv[3:])}{' (engine core in-process)' if inproc else ''}; log {log}",
+              flush=True)
+        with open(log, "w") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
+        url, t0 = f"http://127.0.0.1:{port}", time.time()
+        try:
+            while True:
+                if proc.poll() is not None:
+                    raise SystemExit(f"server exited with {proc.returncode}:\n"
+                                     + log.read_text(errors="replace")[-3000:])
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                if time.time() - t0 > timeout:
+                    raise SystemExit(f"server not healthy after {timeout:.0f} s:\n"
+                                     + log.read_text(errors="replace")[-3000:])
+                time.sleep(1)
+            print(f"server healthy after {time.time() - t0:.0f} s", flush=True)
+            yield url
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
+    ap.add_argument("url", nargs="?", help="server base URL, e.g. http://127.0.0.1:8000 (not with --serve)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128, 256])
     ap.add_argument("--rounds", type=int, default=2, help="requests per client per level")
+    ap.add_argument("--first-chunk-frames", type=int, nargs="+", default=[0],
+                    help="streaming modes to measure: 0 = exact, F = low-latency first chunk after F frames")
     ap.add_argument("--model", default=None, help="default: the server's first model")
     ap.add_argument("--text", default=TEXT)
     ap.add_argument("--voice", default="alloy")
@@ -122,44 +208,71 @@ def main() -> None:
     ap.add_argument("--card", default=None, help="name of the server's accelerator (default: nvidia-smi)")
     ap.add_argument("--tag", default="", help="suffix of the result file name, e.g. smoke")
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--serve", default=None, metavar="MODEL",
+                    help="start `chattts-vllm serve MODEL` (or a random checkpoint: 'random') for the run")
+    ap.add_argument("--serve-layers", type=int, default=20, help="layers of the random checkpoint")
+    ap.add_argument("--serve-args", default="", help="extra `chattts-vllm serve` flags, one string")
+    ap.add_argument("--serve-timeout", type=float, default=420, help="seconds to wait for /health")
+    ap.add_argument("--inproc", action="store_true",
+                    help="with --serve: engine core in the server process (VLLM_ENABLE_V1_MULTIPROCESSING=0)")
     args = ap.parse_args()
-
-    url = args.url.rstrip("/")
-    model = args.model or httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
-    body = {"model": model, "input": args.text, "voice": args.voice, "response_format": "pcm",
-            "stream_format": "audio", "seed": None if args.seed < 0 else args.seed}
-    body.update({k: v for k, v in (("min_new_token", args.min_new_token),
-                                    ("max_new_token", args.max_new_token)) if v is not None})
-    card, slug = (args.card, args.card.lower()) if args.card else card_name()
-
-    asyncio.run(run_level(url, body, 1, 1, tqdm(disable=True)))          # warm-up
-    rows = []
-    with tqdm(total=sum(args.concurrency) * args.rounds, unit="req", desc="bench_serving") as bar:
-        for c in args.concurrency:
-            rows.append(asyncio.run(run_level(url, body, c, args.rounds, bar)))
-            bar.set_postfix(c=c, ttfa_p50=f"{rows[-1]['ttfa_p50_ms'] or 0:.0f}ms")
+    if bool(args.url) == bool(args.serve):
+        ap.error("give either a server URL or --serve MODEL")
 
     date = datetime.date.today().isoformat()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    card, slug = (args.card, args.card.lower()) if args.card else card_name()
     stem = f"serving-{slug}-{date}" + (f"-{args.tag}" if args.tag else "")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    server = (served(args.serve, args.serve_layers, shlex.split(args.serve_args), args.inproc,
+                     args.out_dir / f"{stem}-server.log", args.serve_timeout)
+              if args.serve else contextlib.nullcontext(args.url))
+    with server as url:
+        rows, model, body = bench(url.rstrip("/"), args)
+
     result = dict(card=card, date=date, url=url, model=model, text_chars=len(args.text),
                   voice=args.voice, rounds=args.rounds, min_new_token=args.min_new_token,
-                  max_new_token=args.max_new_token, rows=rows,
+                  max_new_token=args.max_new_token, served=bool(args.serve),
+                  serve_args=args.serve_args if args.serve else None,
+                  inproc=args.inproc if args.serve else None, rows=rows,
                   notes="closed loop: `concurrency` clients x `rounds` streamed pcm requests; "
-                        "ttfa = first audio byte; rtf = request wall time / its audio seconds; "
-                        "audio_s_per_s = all audio seconds / level wall time")
+                        "ttfa = first audio byte; rtf = request wall time / its audio seconds; stall = "
+                        "time a client playing from its first byte would wait for late bytes; "
+                        "audio_s_per_s = all audio seconds / level wall time; first_chunk_frames 0 = "
+                        "exact stream, F = low-latency first chunk after F frames")
     (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     try:
         plot(rows, f"ChatTTS /v1/audio/speech on {card} ({date})", args.out_dir / f"{stem}.png")
     except ImportError:                              # a GPU box without matplotlib: JSON only
         print("matplotlib not installed: no plot")
 
-    print(f"\n{'conc':>5} {'reqs':>5} {'err':>4} {'ttfa p50':>9} {'ttfa p99':>9} {'rtf p50':>8} "
-          f"{'audio s/s':>10}")
+    print(f"\n{'mode':>8} {'conc':>5} {'reqs':>5} {'err':>4} {'ttfa p50':>9} {'ttfa p95':>9} "
+          f"{'stall p95':>9} {'rtf p50':>8} {'audio s/s':>10}")
     for r in rows:
-        print(f"{r['concurrency']:>5} {r['requests']:>5} {r['errors']:>4} {r['ttfa_p50_ms'] or 0:>7.0f}ms "
-              f"{r['ttfa_p99_ms'] or 0:>7.0f}ms {r['rtf_p50'] or 0:>8.3f} {r['audio_s_per_s']:>10.2f}")
+        print(f"{'exact' if not r['first_chunk_frames'] else 'F=' + str(r['first_chunk_frames']):>8} "
+              f"{r['concurrency']:>5} {r['requests']:>5} {r['errors']:>4} {r['ttfa_p50_ms'] or 0:>7.0f}ms "
+              f"{r['ttfa_p95_ms'] or 0:>7.0f}ms {r['stall_p95_ms'] or 0:>7.0f}ms {r['rtf_p50'] or 0:>8.3f} "
+              f"{r['audio_s_per_s']:>10.2f}")
     print(f"wrote {args.out_dir / stem}.json (+ .png)")
+
+
+def bench(url: str, args) -> tuple[list[dict], str, dict]:
+    model = args.model or httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+    body = {"model": model, "input": args.text, "voice": args.voice, "response_format": "pcm",
+            "stream_format": "audio", "seed": None if args.seed < 0 else args.seed}
+    body.update({k: v for k, v in (("min_new_token", args.min_new_token),
+                                    ("max_new_token", args.max_new_token)) if v is not None})
+    rows = []
+    modes = [{} if not f else {"stream_first_chunk_frames": f} for f in args.first_chunk_frames]
+    for m in modes:                                  # warm-up: every mode, a few streams at once
+        asyncio.run(run_level(url, {**body, **m}, min(4, max(args.concurrency)), 1, tqdm(disable=True)))
+    total = sum(args.concurrency) * args.rounds * len(modes)
+    with tqdm(total=total, unit="req", desc="bench_serving") as bar:
+        for c in args.concurrency:
+            for m in modes:
+                rows.append(asyncio.run(run_level(url, {**body, **m}, c, args.rounds, bar)))
+                bar.set_postfix(c=c, f=rows[-1]["first_chunk_frames"],
+                                ttfa_p50=f"{rows[-1]['ttfa_p50_ms'] or 0:.0f}ms")
+    return rows, model, body
 
 
 if __name__ == "__main__":
