@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine, after ../shared/gpu/device-setup.sh: build, check and time one stage.
-# usage: scripts/gpu-check.sh build|kernels|decoder|mrv2|throughput   (logs and results go to $OUT)
+# usage: scripts/gpu-check.sh build|kernels|decoder|mrv2|throughput|serving   (logs and results go to $OUT)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=/root/site312:$PWD PYTHONUNBUFFERED=1
@@ -32,6 +32,20 @@ case "${1:-}" in
   throughput)
     shift; $py benchmarks/bench_throughput.py "$@" 2>&1 | tee "$OUT/bench-throughput.log" \
       | grep -v "INFO\|it/s\]" | tail -25 ;;
-  *) echo "usage: $0 build|kernels|decoder|mrv2|throughput"; exit 2 ;;
+  serving)
+    # Streaming time to first audio against a real `chattts-vllm serve` (20-layer random checkpoint,
+    # benchmarks/bench_serving.py --serve): 1 and 64 concurrent 5 s streams, exact stream vs the
+    # low-latency first chunk after 12 / 24 frames; about 4 min. The engine core runs in the server
+    # process (serving/inproc.py) unless SERVE_MP=1: the spawned core hung on this machine.
+    # JSON, plot and the server's log go to $OUT.
+    shift; inproc=--inproc; [ -n "${SERVE_MP:-}" ] && inproc=
+    timeout "${SERVING_TIMEOUT:-540}" $py benchmarks/bench_serving.py --serve random $inproc \
+      --serve-args "--max-model-len 1024 --max-num-seqs 128 --gpu-memory-utilization 0.8" \
+      --concurrency 1 64 --rounds 2 --first-chunk-frames 0 12 24 \
+      --min-new-token 235 --max-new-token 235 --out-dir "$OUT" "$@" > "$OUT/bench-serving.log" 2>&1
+    echo "bench_serving exit $?"
+    grep -v "it/s\]\|req/s\]\|req\]" "$OUT/bench-serving.log" | tail -14
+    grep -E "Traceback|Error" "$OUT"/serving-*-server.log | head -5 ;;
+  *) echo "usage: $0 build|kernels|decoder|mrv2|throughput|serving"; exit 2 ;;
 esac
 cp -f benchmarks/results/*.json benchmarks/results/*.png "$OUT"/ 2>/dev/null || true
