@@ -68,15 +68,17 @@ def split_code_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, :CODE_LOGITS_WIDTH].reshape(-1, NUM_VQ, NUM_AUDIO_TOKENS)
 
 
-_LIVE_MODELS: list[weakref.ref] = []
+_LIVE_MODELS: dict[str, weakref.ref] = {}
 
 
-def live_model() -> "ChatTTSForCausalLM | None":
-    """The ChatTTS model loaded in this process, for runner glue that vLLM builds separately."""
-    for ref in reversed(_LIVE_MODELS):
-        if (m := ref()) is not None:
-            return m
-    return None
+def live_model(instance_id: str) -> "ChatTTSForCausalLM | None":
+    """The ChatTTS model of the engine whose VllmConfig has this `instance_id`.
+
+    Runner glue that vLLM builds separately (the V1 logits processor) finds its model here; keyed
+    by engine because several in-process engines can live in one Python process.
+    """
+    ref = _LIVE_MODELS.get(instance_id)
+    return ref() if ref is not None else None
 
 
 class ChatTTSForCausalLM(nn.Module):
@@ -101,7 +103,7 @@ class ChatTTSForCausalLM(nn.Module):
                                        for _ in range(config.num_vq))
         self.frame_inputs: FrameInputs | None = None
         self.last_hidden_states: torch.Tensor | None = None
-        _LIVE_MODELS.append(weakref.ref(self))
+        _LIVE_MODELS[vllm_config.instance_id] = weakref.ref(self)
 
     # -- embedding ---------------------------------------------------------------------------
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ and restored on re-add, so the re-prefilled positions get the same code embeddin
 """
 from __future__ import annotations
 
+import logging
+import os
 from collections import OrderedDict
 
 import numpy as np
@@ -32,6 +34,7 @@ from chattts_vllm.gpt.sampling import RowParams, sample
 from chattts_vllm.params import EngineRequest
 from chattts_vllm.runners.outputs import FrameWriter, frame_path
 
+logger = logging.getLogger(__name__)
 MAX_PARKED = 1024
 
 
@@ -93,9 +96,13 @@ class RequestFrames:
 class V1BatchState:
     """Row r of the persistent batch -> RequestFrames (None for non-ChatTTS requests)."""
 
-    def __init__(self) -> None:
+    def __init__(self, check_rows: bool = False) -> None:
         self.rows: dict[int, RequestFrames] = {}
         self.parked: OrderedDict[str, np.ndarray] = OrderedDict()
+        # Debug aid (CHATTTS_VLLM_CHECK_ROWS=1): before each sampling step, check that every row's
+        # frame history agrees with the engine's own token list (frame j's engine token is code 0).
+        self.check_rows = check_rows
+        self.retired_by_move = 0     # how often a one-way move vacated an occupied row (tests)
 
     # -- batch bookkeeping -------------------------------------------------------------------
     def update(self, batch_update: BatchUpdate | None) -> None:
@@ -115,7 +122,10 @@ class V1BatchState:
             if direction == MoveDirectionality.SWAP and b is not None:
                 self.rows[src] = b
             elif b is not None:
-                b.close()
+                # vLLM fills an emptied slot by a move and then drops that slot from `removed`,
+                # so a one-way move onto an occupied row is that row's removal.
+                self.retired_by_move += 1
+                self._retire(b)
 
     def _make_state(self, params: SamplingParams, prompt_ids: list[int],
                     output_ids: list[int]) -> RequestFrames | None:
@@ -128,18 +138,28 @@ class V1BatchState:
         if parked is not None:
             n = min(len(parked), len(state.frames))
             state.frames[:n] = parked[:n]
+        elif state.is_code and output_ids:
+            logger.warning("chattts: a request re-entered the batch with %d frames but no frame "
+                           "history; its codes 1-3 are lost", len(output_ids))
         return state
 
     def _remove(self, index: int) -> None:
         state = self.rows.pop(index, None)
-        if state is None:
-            return
+        if state is not None:
+            self._retire(state)
+
+    def _retire(self, state: RequestFrames) -> None:
+        """A request leaves the batch: finished, aborted, preempted or just not scheduled."""
         state.close()
         if state.is_code and state.req.sink and not state.finished():
             # Preempted (or aborted: the two look alike here). Keep the history for a re-add.
             self.parked[state.req.sink] = state.frames[: state.num_generated].copy()
             while len(self.parked) > MAX_PARKED:
                 self.parked.popitem(last=False)
+
+    def _check_all(self) -> None:
+        code = sorted(r for r, s in self.rows.items() if s.is_code)
+        _check_histories(code, [self.rows[r] for r in code])
 
     # -- model inputs ------------------------------------------------------------------------
     def token_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor) -> TokenInputs | None:
@@ -225,6 +245,8 @@ class V1BatchState:
         codes = codes.view(len(rows), NUM_VQ).numpy()
         hid = hidden[idx].float().cpu().numpy() if hidden is not None else None
         out: dict[int, int] = {}
+        if self.check_rows:
+            _check_histories(rows, states)
         for i, (r, s) in enumerate(zip(rows, states)):
             frame = codes[i]
             if (frame == AUDIO_EOS).any():
@@ -246,6 +268,18 @@ class V1BatchState:
         return {r: int(i) for r, i in zip(rows, ids.tolist())}
 
 
+def _check_histories(rows: list[int], states: list[RequestFrames]) -> None:
+    for r, s in zip(rows, states):
+        j = s.num_generated
+        got = [int(s.frames[i, 0]) for i in range(j)]
+        want = [int(t) for t in s.output_ids[:j]]
+        if got != want:
+            bad = next(i for i in range(j) if got[i] != want[i])
+            raise AssertionError(f"row {r} sink {s.req.sink} seed {s.req.seed}: frame history "
+                                 f"disagrees with the engine's tokens at {bad} of {j}: "
+                                 f"{got[bad:bad + 4]} vs {want[bad:bad + 4]}")
+
+
 def _query_start_loc() -> np.ndarray | None:
     meta = get_forward_context().attn_metadata
     if isinstance(meta, dict) and meta:
@@ -259,7 +293,8 @@ class ChatTTSLogitsProcessor(LogitsProcessor):
     """The ChatTTS sampler for vLLM's V1 runner; requests must use temperature 0 (greedy)."""
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool):
-        self.state = V1BatchState()
+        self.state = V1BatchState(check_rows=os.environ.get("CHATTTS_VLLM_CHECK_ROWS") == "1")
+        self._instance_id = vllm_config.instance_id
         self._attached = None
 
     @classmethod
@@ -280,7 +315,7 @@ class ChatTTSLogitsProcessor(LogitsProcessor):
         return False
 
     def _attach(self):
-        model = live_model()
+        model = live_model(self._instance_id)
         if model is not None and model is not self._attached:
             model.frame_inputs = self.state
             self._attached = model
