@@ -31,6 +31,7 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MLP_MODE = os.environ.get("CHATTTS_CONVNEXT_MLP", "split")     # "split" | "fused"
 AUTOTUNE = os.environ.get("CHATTTS_TRITON_AUTOTUNE", "1") != "0"
+PERSISTENT_OK = os.environ.get("CHATTTS_TRITON_PERSISTENT", "1") != "0"   # 0: no persistent GEMM candidates
 
 
 @triton.jit
@@ -312,10 +313,10 @@ def _tune_list(shapes: list) -> list:
 # stages·(BM + BN)·BK·2 + the epilogue's BM·BN·2 staging tile; OCC 2 needs ≤ ~113 KB each
 # (128x128x64 s2: 96 KB; 64x128x64 s3: 88 KB), so one program's GELU epilogue overlaps the other's
 # tensor-core main loop — the point at K = 512, where the main loop is only 8 steps.
-_LINEAR_SHAPES = _tune_list([(128, 128, 64, 8, 4, 0, 1), (128, 256, 64, 8, 3, 0, 1),
-                             (128, 128, 64, 8, 4, 1, 1), (128, 128, 64, 8, 2, 1, 2),
-                             (128, 256, 64, 8, 3, 1, 1), (64, 256, 64, 8, 4, 0, 1),
-                             (64, 128, 64, 4, 3, 1, 2)])
+_LINEAR_SHAPES = _tune_list([c for c in [(128, 128, 64, 8, 4, 0, 1), (128, 256, 64, 8, 3, 0, 1),
+                                          (128, 128, 64, 8, 4, 1, 1), (128, 128, 64, 8, 2, 1, 2),
+                                          (128, 256, 64, 8, 3, 1, 1), (64, 256, 64, 8, 4, 0, 1),
+                                          (64, 128, 64, 4, 3, 1, 2)] if PERSISTENT_OK or not c[5]])
 _CONV_SHAPES = _tune_list([(128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 256, 64, 8, 4)])
 _PTR_SHAPES = _tune_list([(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 2)])
 _linear_tma_tuned = triton.autotune(_configs(_LINEAR_SHAPES, _set_linear_boxes),
@@ -328,7 +329,7 @@ _conv_gemm_tuned = triton.autotune(_configs(_PTR_SHAPES),
 _FP32_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2,
                 "PERSISTENT": False, "OCC": 1}
 # Interpreter: ragged tiles, and the persistent loop with few programs (several tiles each).
-_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": True,
+_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": PERSISTENT_OK,
                      "OCC": 1}
 _INTERPRET_SMS = 3
 

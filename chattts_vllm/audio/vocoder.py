@@ -8,7 +8,6 @@ of frames" so that the streaming decoder (stream.py) reuses the exact same math 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from chattts_vllm.audio.convnext import (ConvNeXtBlock, conv1d_cl, layer_norm_cl, triton_kernels,
