@@ -63,10 +63,6 @@ def gpu_info() -> tuple[str, float]:
     return "cpu", 0.0
 
 
-def has_cuda() -> bool:
-    return gpu_info()[0] != "cpu"
-
-
 # -- the work of one engine process ----------------------------------------------------------------
 
 def requests_for(start: int, n: int, frames: int):
@@ -266,11 +262,23 @@ def engine_sets(args, model: Path, cuda: bool, total_gib: float) -> list[dict]:
         need = sum(kw.get("kv_cache_memory_bytes", 0) / 2**30 + OVERHEAD_GIB for kw in kws)
         return dict(rounds=rounds_, round_ids=ids, engine_kwargs=kws, need_gib=need)
 
-    one = make(rounds, list(range(len(rounds))))
+    ids = list(range(len(rounds)))
+    one = make(rounds, ids)
     if not cuda or one["need_gib"] <= 0.9 * total_gib:
         return [one]
-    log(f"all rounds in one set need {one['need_gib']:.0f} GiB > 90% of {total_gib:.0f}: one set per round")
-    return [make([r], [i]) for i, r in enumerate(rounds)]
+    # Greedy: engine counts from the largest down, each added to the current set while it fits.
+    sets, cur = [], []
+    for n in sorted(set(args.engines), reverse=True):
+        mine = [i for i in ids if rounds[i]["engines"] == n]
+        trial = cur + mine
+        if cur and make([rounds[i] for i in trial], trial)["need_gib"] > 0.9 * total_gib:
+            sets.append(cur)
+            trial = mine
+        cur = trial
+    sets.append(cur)
+    log(f"all rounds in one set need {one['need_gib']:.0f} GiB > 90% of {total_gib:.0f}: "
+        f"{len(sets)} sets of engine processes")
+    return [make([rounds[i] for i in sorted(ids_)], sorted(ids_)) for ids_ in sets]
 
 
 def child_env(cuda: bool, frame_dir: str | None) -> dict:
@@ -334,10 +342,13 @@ def run_engine_set(args, model: Path, eset: dict, work: Path, env: dict, deadlin
                 f"e2e {row['e2e_audio_s_per_s']:.1f} audio-s/s (gpt {gpt_wall:.2f} s, e2e {e2e_wall:.2f} s)")
     except (RuntimeError, TimeoutError) as e:
         log(f"engine set stopped early: {e}")
+        for p in procs:
+            p.kill()
     finally:
+        t_end = time.time() + 30
         for p in procs:
             try:
-                p.wait(timeout=20)
+                p.wait(timeout=max(1.0, t_end - time.time()))
             except subprocess.TimeoutExpired:
                 p.kill()
     return rows
