@@ -263,8 +263,8 @@ def bench(url: str, args) -> tuple[list[dict], str, dict]:
                                     ("max_new_token", args.max_new_token)) if v is not None})
     rows = []
     modes = [{} if not f else {"stream_first_chunk_frames": f} for f in args.first_chunk_frames]
-    for m in modes:                                  # warm-up: every mode, a few streams at once
-        asyncio.run(run_level(url, {**body, **m}, min(4, max(args.concurrency)), 1, tqdm(disable=True)))
+    for m in modes:          # warm-up (audio kernels' JIT for the window shapes): every mode, 16 streams
+        asyncio.run(run_level(url, {**body, **m}, min(16, max(args.concurrency)), 1, tqdm(disable=True)))
     total = sum(args.concurrency) * args.rounds * len(modes)
     with tqdm(total=total, unit="req", desc="bench_serving") as bar:
         for c in args.concurrency:
