@@ -11,7 +11,8 @@ switches every such `tl.dot` to IEEE fp32 (it is one of Triton's cache-invalidat
 TF32 build in the cache is not reused). cuBLAS is already exact: vLLM's worker sets
 `torch.set_float32_matmul_precision(VLLM_FLOAT32_MATMUL_PRECISION)`, "highest" by default, and
 inductor's matmul templates follow that flag. The variable is set before any engine starts here and
-is inherited by an engine-core process. `CHATTTS_TEST_TF32=1` leaves it unset, to see the TF32 error.
+is inherited by an engine-core process. `CHATTTS_TEST_TF32=1` leaves it unset, to see the TF32 error;
+`CHATTTS_TEST_EAGER=1` runs the parity engine without torch.compile and CUDA graphs.
 """
 from __future__ import annotations
 
@@ -52,10 +53,12 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 def test_mrv2_codes_match_cpu_reference(gpu_model):
     from chattts_vllm.synthesize import ChatTTS
 
-    tts = ChatTTS(gpu_model, dtype="float32", max_model_len=512, gpu_memory_utilization=0.3)
+    eager = os.environ.get("CHATTTS_TEST_EAGER") == "1"       # rules torch.compile/graphs in or out
+    tts = ChatTTS(gpu_model, dtype="float32", max_model_len=512, gpu_memory_utilization=0.3,
+                  enforce_eager=eager)
     module, state, backends = tts.llm.llm_engine.collective_rpc(_runner_info)[0]
     print(f"MRV2 runner {module} {state}, attention {backends}, "
-          f"TRITON_F32_DEFAULT={os.environ.get('TRITON_F32_DEFAULT')}")
+          f"TRITON_F32_DEFAULT={os.environ.get('TRITON_F32_DEFAULT')}, eager={eager}")
     assert module == "vllm.v1.worker.gpu.model_runner" and state == "ChatTTSModelState", (module, state)
     ref = np.load(REFERENCE)
     got = tts.infer_code(TEXTS, params(), voices=VOICES)
