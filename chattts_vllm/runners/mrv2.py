@@ -36,7 +36,7 @@ from chattts_vllm.config import AUDIO_EOS, EBREAK_ID, NUM_TEXT_TOKENS, NUM_VQ
 from chattts_vllm.gpt.model import LogitsLayout, TokenInputs, split_code_logits
 from chattts_vllm.gpt.sampling import RowParams, sample
 from chattts_vllm.params import EngineRequest
-from chattts_vllm.runners.outputs import FrameWriter
+from chattts_vllm.runners.outputs import FrameWriter, record_size
 
 logger = logging.getLogger(__name__)
 MAX_PARKED = 256
@@ -49,10 +49,17 @@ class _NoPenalties:
 
 
 class FrameSinkThread:
-    """Writes committed frames to the side channel off the critical path, in step order."""
+    """Writes committed frames to the side channel off the critical path, in step order.
 
-    def __init__(self) -> None:
+    Each step's records arrive in one of a few pinned host buffers (a free list, so a sink that
+    falls behind makes the sampler wait instead of overwriting a buffer still being read).
+    """
+
+    def __init__(self, max_rows: int, words: int, num_buffers: int = 4) -> None:
         self.jobs: queue.Queue = queue.Queue()
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(num_buffers):
+            self.free.put(torch.empty(max_rows, words, dtype=torch.int32, pin_memory=True))
         self.writers: dict[int, FrameWriter] = {}
         threading.Thread(target=self._run, daemon=True, name="chattts-frame-sink").start()
 
@@ -62,8 +69,11 @@ class FrameSinkThread:
     def close(self, slot: int) -> None:
         self.jobs.put(("close", slot, None))
 
-    def submit(self, event: torch.cuda.Event, slots: np.ndarray, payload: torch.Tensor) -> None:
-        self.jobs.put(("frames", event, (slots, payload)))
+    def take_buffer(self) -> torch.Tensor:
+        return self.free.get()
+
+    def submit(self, event: torch.cuda.Event, slots: np.ndarray, host: torch.Tensor, n: int) -> None:
+        self.jobs.put(("frames", event, (slots, host, n)))
 
     def _run(self) -> None:
         while True:
@@ -80,15 +90,17 @@ class FrameSinkThread:
                     if w is not None:
                         w.close()
                 else:
-                    a.synchronize()
-                    slots, payload = b
-                    data = payload.numpy()
-                    for i, slot in enumerate(slots):
-                        w = self.writers.get(int(slot))
-                        frame = int(data[i, 0])
-                        if w is None or frame < 0:
-                            continue
-                        w.write(frame, data[i, 1:1 + NUM_VQ].astype(np.int32), data[i, 1 + NUM_VQ:])
+                    slots, host, n = b
+                    try:
+                        a.synchronize()
+                        records = host.numpy()[:n]
+                        writers = self.writers
+                        for i, slot in enumerate(slots.tolist()):
+                            w = writers.get(slot)
+                            if w is not None and records[i, 0] > 0:
+                                w.write_record(records[i])
+                    finally:
+                        self.free.put(host)
             except Exception:  # keep the engine alive; the front end reports the missing frame
                 logger.exception("chattts frame sink failed on a %s job", kind)
 
@@ -115,7 +127,7 @@ class ChatTTSModelState(DefaultModelState):
         self.embeds = torch.zeros(self.max_num_tokens, H, dtype=self.dtype, device=device)
         self.slot_of: dict[str, int] = {}
         self.parked: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.sink = FrameSinkThread()
+        self.sink = FrameSinkThread(S, record_size(H) // 4)
         self.layout = LogitsLayout("text")
         model.frame_inputs = self
 
@@ -266,15 +278,17 @@ class ChatTTSSampler:
         return torch.where(eos, torch.full_like(codes[:, 0], AUDIO_EOS), codes[:, 0])
 
     def _export(self, input_batch, frame: torch.Tensor, codes: torch.Tensor) -> None:
-        """Async copy of (frame index, 4 codes, hidden) per row to the sink thread."""
+        """Async copy of one side-channel record per row (frame < 0: none) to the sink thread."""
         st = self.state
-        hidden = st.model.last_hidden_states[: len(frame)].float()
-        payload = torch.cat([frame.unsqueeze(1).float(), codes.float(), hidden], dim=1)
-        host = torch.empty(payload.shape, dtype=torch.float32, pin_memory=True)
-        host.copy_(payload, non_blocking=True)
+        n = len(frame)
+        hidden = st.model.last_hidden_states[:n].float()
+        head = torch.cat([(frame + 1).unsqueeze(1), codes], dim=1).to(torch.int32)
+        records = torch.cat([head, hidden.view(torch.int32)], dim=1)
+        host = st.sink.take_buffer()
+        host[:n].copy_(records, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        st.sink.submit(event, input_batch.idx_mapping_np[: len(frame)].copy(), host)
+        st.sink.submit(event, input_batch.idx_mapping_np[:n].copy(), host, n)
 
     def _sample_text(self, logits, slot, pos, slots_np) -> torch.Tensor:
         """Refine rows (rare on the serving path) use the PyTorch twin; other requests are greedy."""

@@ -1,0 +1,76 @@
+"""The frame side channel: positional records, markers, growth, reopening, bounded waits."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from chattts_vllm.runners.outputs import FrameReader, FrameWriter, new_key, record_size
+
+
+@pytest.fixture(autouse=True)
+def _frame_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHATTTS_VLLM_FRAME_DIR", str(tmp_path))
+
+
+def _frames(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 625, (n, 4)).astype(np.int32), rng.standard_normal((n, 768)).astype(np.float32)
+
+
+def test_records_round_trip_across_growth_and_reopen():
+    key = new_key()
+    codes, hidden = _frames(700)
+    w = FrameWriter(key, capacity=4)
+    for i in range(300):
+        w.write(i, codes[i], hidden[i])
+    w.close()
+    w = FrameWriter(key, capacity=4)            # a re-added request reopens its file
+    rec = np.zeros(record_size() // 4, np.int32)
+    for i in range(300, 700):                   # the GPU sink's raw records
+        rec[0], rec[1:5], rec[5:] = i + 1, codes[i], hidden[i].view(np.int32)
+        w.write_record(rec)
+    w.close()
+    r = FrameReader(key)
+    got_c, got_h = r.read(0, 700)
+    np.testing.assert_array_equal(got_c, codes)
+    np.testing.assert_array_equal(got_h, hidden)
+    got_c, _ = r.read(650, 700)
+    np.testing.assert_array_equal(got_c, codes[650:])
+    r.close()
+    assert not r.path.exists()
+
+
+def test_overwrite_keeps_the_last_record():
+    key = new_key()
+    codes, hidden = _frames(2)
+    w = FrameWriter(key)
+    w.write(0, codes[0], hidden[0])
+    w.write(0, codes[1], hidden[1])             # re-sampled after a discarded step
+    w.close()
+    c, h = FrameReader(key).read(0, 1)
+    np.testing.assert_array_equal(c[0], codes[1])
+    np.testing.assert_array_equal(h[0], hidden[1])
+
+
+def test_reader_waits_for_late_frames_and_times_out_on_missing_ones():
+    key = new_key()
+    codes, hidden = _frames(3)
+    w = FrameWriter(key)
+    w.write(0, codes[0], hidden[0])
+    r = FrameReader(key)
+
+    def late():
+        time.sleep(0.2)
+        w.write(1, codes[1], hidden[1])
+
+    t = threading.Thread(target=late)
+    t.start()
+    c, _ = r.read(0, 2, timeout=5.0)            # frame 1 lands while we wait
+    t.join()
+    np.testing.assert_array_equal(c, codes[:2])
+    with pytest.raises(RuntimeError, match="fewer than 3 frames"):
+        r.read(0, 3, timeout=0.1)               # the file is pre-sized: the marker decides
+    w.close()
