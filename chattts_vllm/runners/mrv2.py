@@ -186,6 +186,8 @@ class ChatTTSModelState(DefaultModelState):
         return None  # inputs_embeds always comes from prepare_inputs on this runner
 
     def _slot_of_tokens(self, input_batch: InputBatch, n: int) -> torch.Tensor:
+        if n == input_batch.num_reqs:           # one token per row (decode): row i is token i
+            return input_batch.idx_mapping[:n].long()
         qsl = input_batch.query_start_loc[1:input_batch.num_reqs + 1]
         row = torch.searchsorted(qsl, torch.arange(n, device=qsl.device, dtype=qsl.dtype), right=True)
         return input_batch.idx_mapping[row.clamp(max=input_batch.num_reqs - 1)].long()
