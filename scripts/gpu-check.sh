@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # On the GPU machine, after ../shared/gpu/device-setup.sh: build, check and time one stage.
-# usage: scripts/gpu-check.sh build|kernels|decoder|mrv2|throughput|serving   (logs and results go to $OUT)
+# usage: scripts/gpu-check.sh build|kernels|decoder|mrv2|throughput|ray|serving [ARGS]
+#   (logs and results go to $OUT; only results written by this run are copied there)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=/root/site312:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
+stamp=$(mktemp)
 py=python3
 case "${1:-}" in
   build)
@@ -32,6 +34,22 @@ case "${1:-}" in
   throughput)
     shift; $py benchmarks/bench_throughput.py "$@" 2>&1 | tee "$OUT/bench-throughput.log" \
       | grep -v "INFO\|it/s\]" | tail -25 ;;
+  ray)
+    # Ray Serve, 1 then 2 engine replicas (one GPU each, engine core in the replica process) in one
+    # run (benchmarks/bench_ray.py, about 6 min). The timeout is below the call limit, so a hang
+    # still leaves the log, and Ray's own logs (the replicas' output) go to $OUT when it fails.
+    shift
+    nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv,noheader
+    df -h /dev/shm /tmp | tail -2
+    timeout -k 10 "${RAY_TIMEOUT:-520}" $py benchmarks/bench_ray.py "$@" > "$OUT/bench-ray.log" 2>&1
+    rc=$?; echo "bench_ray exit $rc"
+    grep -E "^\[bench_ray|^replicas=|^speedup|^wrote|Error|error:" "$OUT/bench-ray.log" | tail -40
+    if [ $rc -ne 0 ]; then
+      tail -30 "$OUT/bench-ray.log"
+      ( cd /tmp/ray/session_latest 2>/dev/null && find logs -type f -size -20M \( -name '*.err' \
+          -o -name '*.out' -o -name '*.log' \) -print0 | tar czf "$OUT/ray-logs.tar.gz" --null -T - )
+      $py -m ray.scripts.scripts stop --force >/dev/null 2>&1 || true    # frees the GPUs
+    fi ;;
   serving)
     # Streaming time to first audio against a real `chattts-vllm serve` (20-layer random checkpoint,
     # benchmarks/bench_serving.py --serve): 1 and 64 concurrent 5 s streams, exact stream vs the
@@ -46,6 +64,8 @@ case "${1:-}" in
     echo "bench_serving exit $?"
     grep -v "it/s\]\|req/s\]\|req\]" "$OUT/bench-serving.log" | tail -14
     grep -E "Traceback|Error" "$OUT"/serving-*-server.log | head -5 ;;
-  *) echo "usage: $0 build|kernels|decoder|mrv2|throughput|serving"; exit 2 ;;
+  *) echo "usage: $0 build|kernels|decoder|mrv2|throughput|ray|serving"; exit 2 ;;
 esac
-cp -f benchmarks/results/*.json benchmarks/results/*.png "$OUT"/ 2>/dev/null || true
+find benchmarks/results -maxdepth 1 -newer "$stamp" \( -name '*.json' -o -name '*.png' \) \
+  -exec cp -f {} "$OUT"/ \;
+rm -f "$stamp"

@@ -7,15 +7,19 @@ Two deployments:
 - `SpeechEngine`: one vLLM `AsyncLLM`, built by vLLM's own `build_async_engine_client_from_engine_args`
   (as `vllm serve` builds it), and the endpoint plugin's `SpeechService` set up by the plugin's own
   `init_state` (text front end, voices, Decoder + Vocos). One GPU each, or CPU slots locally.
-  It runs serving/speech.py's code paths (`prepare`, `_encoded`), so bodies, errors and streams
-  equal those of `vllm serve` with the plugin.
+  With `VLLM_ENABLE_V1_MULTIPROCESSING=0` in the replica's environment (`ray_actor_options:
+  runtime_env: env_vars`, or the driver's), its engine core runs in the replica process
+  (serving/inproc.py) rather than in a child process.
+  It runs serving/speech.py's code paths (`prepare`, `encoded_stream`), so bodies, errors and
+  streams equal those of `vllm serve` with the plugin.
 - `SpeechIngress`: the FastAPI ingress. It parses the request with the endpoint's own
   `parse_speech_request` (bad requests never reach an engine) and forwards it to an engine
   replica. A replica that dies before the first audio byte is retried on another one
   (`max_attempts`); after that a stream ends the way a failed `vllm serve` stream ends (an SSE
   `error` event, or a chunked body cut short).
 
-Every response carries `X-Replica-Id`, the Serve replica that made the audio. Multi-GPU engines
+Every response carries `X-Replica-Id`, the Serve replica that made the audio; a whole file also
+`X-Synthesis-Seconds`, the time it took inside that replica. Multi-GPU engines
 (vLLM's Ray executor, tensor/pipeline or data parallel) go through `engine_kwargs`; see
 `engine_deployment_options`.
 """
@@ -25,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -40,7 +45,7 @@ from ray.serve.handle import DeploymentHandle
 from chattts_vllm.audio.formats import MEDIA_TYPES, encode_audio
 from chattts_vllm.serving.protocol import SpeechError, SpeechRequest, parse_speech_request
 from chattts_vllm.serving.service import Prepared
-from chattts_vllm.serving.speech import _ClosingStream, _encoded, _server_error
+from chattts_vllm.serving.speech import ClosingStream, encoded_stream, server_error
 from chattts_vllm.text.speaker import VOICES
 
 logger = logging.getLogger("ray.serve")
@@ -72,16 +77,22 @@ class SpeechEngine:
 
     async def __init__(self, model_dir: str, served_model_names: list[str], engine_kwargs: dict):
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.entrypoints.openai.api_server import build_async_engine_client_from_engine_args
 
         from chattts_vllm import register
+        from chattts_vllm.serving.inproc import build_inproc_async_engine, inproc_requested
         from chattts_vllm.serving.speech import STATE_KEY, SpeechPlugin
 
         register()                                      # the model plugin, in this process too
         self._stack = contextlib.AsyncExitStack()
         args = AsyncEngineArgs(model=model_dir, served_model_name=served_model_names, **engine_kwargs)
-        self.engine = await self._stack.enter_async_context(
-            build_async_engine_client_from_engine_args(args))
+        # VLLM_ENABLE_V1_MULTIPROCESSING=0 in the replica's environment: the engine core runs in
+        # this process (serving/inproc.py) instead of the child process AsyncLLM starts.
+        if inproc_requested():
+            build = build_inproc_async_engine
+        else:
+            from vllm.entrypoints.openai.api_server import (
+                build_async_engine_client_from_engine_args as build)
+        self.engine = await self._stack.enter_async_context(build(args))
         state = SimpleNamespace()
         await SpeechPlugin().init_state(self.engine, state, SimpleNamespace(
             model=model_dir, served_model_name=served_model_names))
@@ -101,6 +112,7 @@ class SpeechEngine:
 
     async def speech(self, req: SpeechRequest) -> Reply:
         """The whole file (no `stream_format`), as serving/speech.py's `_respond` makes it."""
+        t0 = time.perf_counter()
         prepared = await self._prepare(req)
         if isinstance(prepared, Reply):
             return prepared
@@ -110,14 +122,15 @@ class SpeechEngine:
             data = await self.service.audio.run(encode_audio, wav, req.response_format)
         except Exception as e:
             logger.exception("speech request %s failed", prepared.request_id)
-            return Reply.error(_server_error(e), self._headers())
+            return Reply.error(server_error(e), self._headers())
         finally:
             job.close()
         return Reply(200, MEDIA_TYPES[req.response_format], self._headers(
-            **{"X-Audio-Frames": str(job.frames)}), data)
+            **{"X-Audio-Frames": str(job.frames),
+               "X-Synthesis-Seconds": f"{time.perf_counter() - t0:.3f}"}), data)
 
     async def speech_stream(self, req: SpeechRequest) -> AsyncIterator[Reply | bytes]:
-        """A `Reply` head (or the error), then the audio bytes / SSE events of `_encoded`."""
+        """A `Reply` head (or the error), then the audio bytes / SSE events of `encoded_stream`."""
         prepared = await self._prepare(req)
         if isinstance(prepared, Reply):
             yield prepared
@@ -125,7 +138,7 @@ class SpeechEngine:
         sse = req.stream_format == "sse"
         yield Reply(200, "text/event-stream" if sse else MEDIA_TYPES[req.response_format],
                     self._headers())
-        body = _encoded(self.service, prepared, req, sse)
+        body = encoded_stream(self.service, prepared, req, sse)
         try:
             async for chunk in body:
                 yield chunk
@@ -204,8 +217,8 @@ class SpeechIngress:
             gen.cancel()
             return head.response()
         sse = req.stream_format == "sse"
-        return _ClosingStream(self._relay(first, gen, sse, head), media_type=head.media_type,
-                              headers=head.headers)
+        return ClosingStream(self._relay(first, gen, sse, head), media_type=head.media_type,
+                             headers=head.headers)
 
     @staticmethod
     async def _relay(first: bytes, gen, sse: bool, head: Reply) -> AsyncIterator[bytes]:
@@ -218,7 +231,7 @@ class SpeechIngress:
             logger.warning("speech stream from %s lost mid-stream: %s", head.headers.get(REPLICA_HEADER), e)
             if not sse:
                 raise                                   # the chunked body ends without its terminator
-            yield b"data: " + json.dumps({"type": "error", **_server_error(e).body()}).encode() + b"\n\n"
+            yield b"data: " + json.dumps({"type": "error", **server_error(e).body()}).encode() + b"\n\n"
         finally:
             gen.cancel()                                # a client that left aborts the engine work
 

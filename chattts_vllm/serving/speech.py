@@ -40,7 +40,7 @@ def _error(e: SpeechError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
-def _server_error(e: BaseException) -> SpeechError:
+def server_error(e: BaseException) -> SpeechError:
     return SpeechError(f"synthesis failed: {type(e).__name__}: {e}", None, None, 500, "server_error")
 
 
@@ -52,7 +52,7 @@ def _service(request: Request) -> SpeechService:
     return service
 
 
-class _ClosingStream(StreamingResponse):
+class ClosingStream(StreamingResponse):
     """Closes the body generator however the response ends, so its cleanup runs at once.
 
     A disconnect cancels the response while it may be sending, not awaiting the generator; the
@@ -66,8 +66,8 @@ class _ClosingStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def _encoded(service: SpeechService, prepared: Prepared, req: SpeechRequest,
-                   sse: bool) -> AsyncIterator[bytes]:
+async def encoded_stream(service: SpeechService, prepared: Prepared, req: SpeechRequest,
+                         sse: bool) -> AsyncIterator[bytes]:
     """Audio bytes (or SSE events) as the sentences are decoded. Cleanup is synchronous."""
     job = service.start(prepared)
     audio, enc = service.audio, StreamEncoder(req.response_format)
@@ -86,7 +86,7 @@ async def _encoded(service: SpeechService, prepared: Prepared, req: SpeechReques
         logger.exception("speech request %s failed mid-stream", prepared.request_id)
         if not sse:
             raise                              # the chunked body ends without its terminator
-        yield b"data: " + json.dumps({"type": "error", **_server_error(e).body()}).encode() + b"\n\n"
+        yield b"data: " + json.dumps({"type": "error", **server_error(e).body()}).encode() + b"\n\n"
     finally:
         job.close()
 
@@ -100,14 +100,14 @@ async def _respond(service: SpeechService, req: SpeechRequest, raw_request: Requ
     if req.stream_format is not None:
         sse = req.stream_format == "sse"
         media = "text/event-stream" if sse else MEDIA_TYPES[req.response_format]
-        return _ClosingStream(_encoded(service, prepared, req, sse), media_type=media)
+        return ClosingStream(encoded_stream(service, prepared, req, sse), media_type=media)
     job = service.start(prepared)
     try:
         wav = await job.waveform(service.audio)
         data = await service.audio.run(encode_audio, wav, req.response_format)
     except Exception as e:
         logger.exception("speech request %s failed", prepared.request_id)
-        return _error(_server_error(e))
+        return _error(server_error(e))
     finally:
         job.close()
     return Response(data, media_type=MEDIA_TYPES[req.response_format],
