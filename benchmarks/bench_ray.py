@@ -99,8 +99,9 @@ class GpuSampler:
         return {str(i): round(sum(v) / len(v), 1) for i, v in sorted(self.samples.items()) if v}
 
 
-async def _load(url: str, n: int, concurrency: int, frames: int, seed0: int) -> dict:
-    """`n` requests, at most `concurrency` at a time -> wall time, audio seconds, latencies."""
+async def _load_part(url: str, n: int, concurrency: int, frames: int, seed0: int,
+                     start_at: float) -> dict:
+    """One client process's share: `n` requests, at most `concurrency` at a time (raw figures)."""
     import httpx
 
     body = dict(model="chattts", input="Benchmarking speech on Ray Serve.", voice="alloy",
@@ -122,11 +123,48 @@ async def _load(url: str, n: int, concurrency: int, frames: int, seed0: int) -> 
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
-        cpu0, t0 = time.process_time(), time.perf_counter()
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        cpu0 = time.process_time()
         await asyncio.gather(*(one(client, i) for i in range(n)))
-        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    overhead = [a - b for a, b in zip(lat, synth)] if len(synth) == len(lat) else []
-    return {"requests": n, "concurrency": concurrency, "frames": frames, "wall_s": round(wall, 3),
+        end, cpu = time.time(), time.process_time() - cpu0
+    return {"lat": lat, "synth": synth, "audio": audio, "served": dict(served), "end": end, "cpu": cpu}
+
+
+def _run_part(url, n, concurrency, frames, seed0, start_at) -> dict:
+    return asyncio.run(_load_part(url, n, concurrency, frames, seed0, start_at))
+
+
+def _load(url: str, n: int, concurrency: int, frames: int, seed0: int, procs: int = 1) -> dict:
+    """`n` requests, at most `concurrency` at a time, from `procs` client processes started
+    together (one Python HTTP client tops out well below what two engines serve) -> wall time,
+    audio seconds, latencies."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing as mp
+
+    procs = max(1, min(procs, concurrency, n))
+    shares = [(n // procs + (k < n % procs), concurrency // procs + (k < concurrency % procs))
+              for k in range(procs)]
+    start_at = time.time() + 3.0
+    if procs == 1:
+        parts = [_run_part(url, n, concurrency, frames, seed0, start_at)]
+    else:
+        seeds = [seed0 + sum(m for m, _ in shares[:k]) for k in range(procs)]
+        with ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn")) as pool:
+            futs = [pool.submit(_run_part, url, m, c, frames, sd, start_at)
+                    for (m, c), sd in zip(shares, seeds)]
+            parts = [f.result() for f in futs]
+    wall = max(p["end"] for p in parts) - start_at
+    lat = [x for p in parts for x in p["lat"]]
+    synth = [x for p in parts for x in p["synth"]]
+    audio = sum(p["audio"] for p in parts)
+    served: collections.Counter[str] = collections.Counter()
+    for p in parts:
+        served.update(p["served"])
+    overhead = ([a - b for p in parts for a, b in zip(p["lat"], p["synth"])]
+                if len(synth) == len(lat) else [])
+    cpu = sum(p["cpu"] for p in parts)
+    return {"requests": n, "concurrency": concurrency, "frames": frames, "client_procs": procs,
+            "wall_s": round(wall, 3),
             "audio_s": round(audio, 3), "audio_s_per_s": round(audio / wall, 3),
             "requests_per_s": round(n / wall, 2),
             "p50_latency_s": _pct(lat, 0.5), "p95_latency_s": _pct(lat, 0.95),
@@ -150,7 +188,9 @@ def _app_args(args, model: str, replicas: int, gpu: bool) -> dict:
     actor["runtime_env"] = {"env_vars": env}
     return {"model": model, "num_replicas": replicas, "use_gpu": gpu,
             "engine_kwargs": _engine_kwargs(args, gpu), "ray_actor_options": actor,
-            "max_ongoing_requests": args.concurrency,
+            # Above what the clients keep in flight, so Serve's router never holds a request back
+            # (it backs off and re-probes when a replica is full); vLLM's scheduler queues extras.
+            "max_ongoing_requests": 2 * args.concurrency,
             "ingress": {"num_replicas": args.ingress_replicas,
                         "max_ongoing_requests": 4 * args.concurrency * max(args.replicas)}}
 
@@ -181,14 +221,14 @@ def run(args, model: str, on_row=lambda rows: None) -> list[dict]:
                       route_prefix="/", logging_config={"enable_access_log": False})
             ready = time.perf_counter() - t
             log(f"{replicas} replica(s) ready after {ready:.1f} s; warm-up")
-            warm = asyncio.run(_load(url, args.warmup * replicas, args.warmup * replicas,
-                                     args.frames, 10**6))
+            warm = _load(url, args.warmup * replicas, args.warmup * replicas, args.frames, 10**6,
+                         args.client_procs * replicas)
             log(f"warm-up: {warm['requests']} requests in {warm['wall_s']} s on "
                 f"{warm['replicas_seen']} replica(s); measuring")
             sampler = GpuSampler()
             sampler.start()
-            res = asyncio.run(_load(url, args.requests * replicas, args.concurrency * replicas,
-                                    args.frames, 0))
+            res = _load(url, args.requests * replicas, args.concurrency * replicas, args.frames, 0,
+                        args.client_procs * replicas)
             row = {"replicas": replicas, **res, "gpu_util": sampler.stop(),
                    "deploy_s": round(ready, 1), "warmup_s": warm["wall_s"]}
             rows.append(row)
@@ -235,6 +275,8 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=470, help="frames per request (470 = 10 s)")
     p.add_argument("--gpus-per-replica", type=float, default=1.0)
     p.add_argument("--ingress-replicas", type=int, default=4)
+    p.add_argument("--client-procs", type=int, default=2,
+                   help="HTTP client processes per engine replica (the load is split among them)")
     p.add_argument("--object-store-gb", type=float, default=4)
     p.add_argument("--mp", dest="inproc", action="store_false",
                    help="engine core in a child process (vLLM's default) instead of in the replica")
