@@ -20,7 +20,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_throughput import FPS, engine_kwargs, make_stock_llama  # noqa: E402
+from bench_throughput import FPS, make_stock_llama  # noqa: E402
+
+
+def engine_kwargs(batch: int, dtype: str) -> dict:
+    """The throughput benchmark's sweep settings."""
+    return dict(dtype=dtype, max_model_len=1024, enable_prefix_caching=False, max_num_seqs=batch,
+                gpu_memory_utilization=0.85, max_num_batched_tokens=65536,
+                compilation_config={"max_cudagraph_capture_size": max(512, batch)})
 
 
 def main() -> None:
@@ -39,7 +46,7 @@ def main() -> None:
     if args.stock:
         from vllm import LLM, SamplingParams
 
-        llm = LLM(model=args.model or make_stock_llama(tmp / "llama"), skip_tokenizer_init=True,
+        llm = LLM(model=args.model or make_stock_llama(tmp / "llama", 20), skip_tokenizer_init=True,
                   **engine_kwargs(b, "bfloat16"))
         sp = SamplingParams(temperature=0.3, top_p=0.7, top_k=20, repetition_penalty=1.05,
                             max_tokens=frames, min_tokens=frames, ignore_eos=True, detokenize=False)
