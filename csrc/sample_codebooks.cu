@@ -27,6 +27,8 @@
 #include <cstdint>
 #include <optional>
 
+#include "ops.h"
+
 namespace chattts_vllm {
 namespace {
 

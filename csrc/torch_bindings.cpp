@@ -3,19 +3,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include <optional>
-
-namespace chattts_vllm {
-at::Tensor sample_codebooks_cuda(const at::Tensor& logits, const at::Tensor& history,
-                                 const std::optional<at::Tensor>& slot,
-                                 const std::optional<at::Tensor>& first_frame,
-                                 const std::optional<at::Tensor>& num_frames, int64_t window,
-                                 const at::Tensor& temperature, const at::Tensor& top_p,
-                                 const at::Tensor& top_k, const at::Tensor& penalty,
-                                 const at::Tensor& mask_eos, const at::Tensor& seed,
-                                 const at::Tensor& counter, int64_t eos_id,
-                                 const std::optional<at::Tensor>& processed);
-}  // namespace chattts_vllm
+#include "ops.h"
 
 TORCH_LIBRARY(chattts_vllm, m) {
   // codes [B, 4] int64. history: [B, 4, window] ids (-1 = empty), or with slot/first_frame/num_frames
