@@ -116,7 +116,7 @@ class SpeechEngine:
         prepared = await self._prepare(req)
         if isinstance(prepared, Reply):
             return prepared
-        job = self.service.start(prepared)
+        job = self.service.start(prepared, whole=True)
         try:
             wav = await job.waveform(self.service.audio)
             data = await self.service.audio.run(encode_audio, wav, req.response_format)

@@ -115,7 +115,9 @@ class SpeechService:
             raise SpeechError(str(e), "input", "input_too_long") from None
         return Prepared(reqs, used, request_id, req.stream_first_chunk_frames)
 
-    def start(self, prepared: Prepared) -> SpeechJob:
-        """Submit every sentence to the engine now (call from the task that will read them)."""
+    def start(self, prepared: Prepared, *, whole: bool = False) -> SpeechJob:
+        """Submit every sentence to the engine now (call from the task that will read them).
+
+        `whole`: the audio is wanted as one file (`SpeechJob.waveform`), not streamed."""
         return SpeechJob(self.engine, prepared.requests, prepared.request_id, prepared.refine_tokens,
-                         prepared.first_chunk_frames)
+                         prepared.first_chunk_frames, whole=whole)

@@ -101,7 +101,7 @@ async def _respond(service: SpeechService, req: SpeechRequest, raw_request: Requ
         sse = req.stream_format == "sse"
         media = "text/event-stream" if sse else MEDIA_TYPES[req.response_format]
         return ClosingStream(encoded_stream(service, prepared, req, sse), media_type=media)
-    job = service.start(prepared)
+    job = service.start(prepared, whole=True)
     try:
         wav = await job.waveform(service.audio)
         data = await service.audio.run(encode_audio, wav, req.response_format)

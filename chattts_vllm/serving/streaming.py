@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from vllm.sampling_params import RequestOutputKind
 
 from chattts_vllm.audio.checkpoint import AudioModels
 from chattts_vllm.gpt.requests import (EnginePrompt, num_frames, refine_request,
@@ -122,8 +123,13 @@ async def refine_texts(engine, tok: ChatTTSTokenizer, sentences: list[str], para
 class Utterance:
     """One code-pass request: frames reported so far, finished or failed."""
 
-    def __init__(self, engine, ep: EnginePrompt, request_id: str):
+    def __init__(self, engine, ep: EnginePrompt, request_id: str, final_only: bool = False):
         self.reader = FrameReader(ep.sink)
+        if final_only:
+            # Nobody reads frames before the end: skip the per-step output the engine would
+            # build and deliver for this request (one Python wake-up per frame otherwise).
+            ep = replace(ep, sampling_params=ep.sampling_params.clone())
+            ep.sampling_params.output_kind = RequestOutputKind.FINAL_ONLY
         self.prompt_tokens = len(ep.prompt["prompt_token_ids"])
         self.token_ids: list[int] = []
         self.frames = 0
@@ -178,8 +184,10 @@ class SpeechJob:
     """The sentences of one request, submitted together; audio comes back in sentence order."""
 
     def __init__(self, engine, requests: list[EnginePrompt], request_id: str, used_tokens: int = 0,
-                 first_chunk_frames: int | None = None):
-        self.utterances = [Utterance(engine, r, f"{request_id}-{i}") for i, r in enumerate(requests)]
+                 first_chunk_frames: int | None = None, whole: bool = False):
+        """`whole`: the caller wants `waveform` (one file), not `stream`."""
+        self.utterances = [Utterance(engine, r, f"{request_id}-{i}", final_only=whole)
+                           for i, r in enumerate(requests)]
         self.used_tokens = used_tokens          # e.g. the refine pass
         self.first_chunk_frames = first_chunk_frames    # the request's choice, else the server's
 

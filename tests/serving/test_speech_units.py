@@ -107,3 +107,38 @@ def test_demo_checkpoint_is_written_once(tmp_path, monkeypatch):
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 2 and (d / "chattts" / "Vocos.safetensors").is_file()
     assert demo_model_dir() == d and [p.name for p in tmp_path.iterdir()] == [d.name]
+
+
+def test_whole_file_jobs_ask_the_engine_for_the_final_output_only(tmp_path, monkeypatch):
+    """A non-streamed request reads frames only at the end: no per-step outputs (CPU cost)."""
+    import asyncio
+
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    from chattts_vllm.gpt.requests import EnginePrompt
+    from chattts_vllm.serving.streaming import SpeechJob
+
+    monkeypatch.setenv("CHATTTS_VLLM_FRAME_DIR", str(tmp_path))
+    seen: list = []
+
+    class Engine:
+        async def generate(self, prompt, sampling_params, request_id):
+            seen.append(sampling_params.output_kind)
+            yield type("Out", (), {"outputs": [type("C", (), {"token_ids": [1, 2, 625]})()]})()
+
+    def prompt():
+        return EnginePrompt({"prompt_token_ids": [1]}, SamplingParams(max_tokens=4), "abcdefgh12")
+
+    async def go(whole: bool):
+        ep = prompt()
+        job = SpeechJob(Engine(), [ep], "r", whole=whole)
+        await job.utterances[0].task
+        job.close()
+        return ep.sampling_params.output_kind, job.utterances[0].frames
+
+    kind, frames = asyncio.run(go(True))
+    assert seen[-1] == RequestOutputKind.FINAL_ONLY and frames == 2
+    assert kind == RequestOutputKind.CUMULATIVE          # the caller's params are not modified
+    asyncio.run(go(False))
+    assert seen[-1] == RequestOutputKind.CUMULATIVE
