@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the vLLM 0.26 bundle for the GPU machine (see ../shared/gpu/README.md) plus what this
 # project imports there beyond the GPU image: the text front end, voice strings, audio encoders,
-# and Ray Serve (benchmarks/bench_ray.py, chattts_vllm/serving/ray_app.py).
+# Ray Serve (benchmarks/bench_ray.py, chattts_vllm/serving/ray_app.py), and the metrics middleware
+# that `vllm serve`'s app imports (prometheus-fastapi-instrumentator; missing, the server exits).
 # Then carry the parts one per call and run: BUNDLE_PARTS=<n> bash .gpu-bundle/device-setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +49,7 @@ EOF
 
 bash ../shared/gpu/build-vllm-bundle.sh .gpu-bundle \
   pybase16384==0.3.9 cffi pycparser wetext==0.1.8 kaldifst==1.8.3 contractions textsearch anyascii \
-  pyahocorasick num2words==0.5.14 cn2an==0.5.24 av==18.1.0 soundfile==0.14.0 \
+  pyahocorasick num2words==0.5.14 cn2an==0.5.24 av==18.1.0 soundfile==0.14.0 prometheus-fastapi-instrumentator==8.1.0 \
   "$wheels"/ray-2.60.0-*.whl "${RAY_EXTRAS[@]}"
 # Two pure-Python dependencies exist only as source distributions (no wheel for the bundle's
 # --only-binary download): ship their files from this machine's environment, unpacked beside.
