@@ -29,7 +29,6 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from typing import Any
-from unittest import mock
 
 from vllm.logger import init_logger
 
@@ -221,13 +220,17 @@ async def build_inproc_async_engine(engine_args, usage_context=None) -> AsyncIte
     vllm_config = engine_args.create_engine_config(
         usage_context=usage_context or UsageContext.OPENAI_API_SERVER)
     logger.info("starting the engine core in this process (pid %d), on its own thread", os.getpid())
-    with mock.patch.object(EngineCoreClient, "make_async_mp_client",
-                           staticmethod(lambda **kw: InprocAsyncClient(**kw))):
+    # AsyncLLM.__init__ asks this factory for its client; swap it for the construction only.
+    factory = EngineCoreClient.__dict__["make_async_mp_client"]
+    EngineCoreClient.make_async_mp_client = staticmethod(lambda **kw: InprocAsyncClient(**kw))
+    try:
         engine = AsyncLLM.from_vllm_config(
             vllm_config=vllm_config, usage_context=usage_context or UsageContext.OPENAI_API_SERVER,
             enable_log_requests=engine_args.enable_log_requests,
             aggregate_engine_logging=engine_args.aggregate_engine_logging,
             disable_log_stats=engine_args.disable_log_stats)
+    finally:
+        EngineCoreClient.make_async_mp_client = factory
     try:
         await engine.reset_mm_cache()
         yield engine
