@@ -359,7 +359,7 @@ def run_batch(items: list[BatchItem], out_dir: str | os.PathLike, model_dir: str
                 results = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
                 # the actor died, or raised (its engine died): replace it, re-queue its chunk
-                _requeue(queue, chunk, max_attempts, report, e)
+                requeue_failed(queue, chunk, max_attempts, report, e)
                 report.actor_restarts += 1
                 if report.actor_restarts > max_restarts:
                     raise RuntimeError(f"actors died {report.actor_restarts} times; last: {e}") from e
@@ -380,7 +380,7 @@ def run_batch(items: list[BatchItem], out_dir: str | os.PathLike, model_dir: str
     return report
 
 
-def _requeue(queue: deque, chunk: list[BatchItem], max_attempts: int, report: BatchReport,
+def requeue_failed(queue: deque, chunk: list[BatchItem], max_attempts: int, report: BatchReport,
              cause: Exception) -> None:
     """A dead actor's chunk goes back to the front, one item per chunk after the first death, so an
     item that kills its actor every time is found and given up after `max_attempts`."""

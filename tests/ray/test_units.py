@@ -9,7 +9,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from chattts_vllm.serving.ray_batch import (BatchItem, BatchReport, Manifest, _requeue, parse_item,
+from chattts_vllm.serving.ray_batch import (BatchItem, BatchReport, Manifest, requeue_failed, parse_item,
                                             read_items, wav_name, write_atomic)
 
 
@@ -65,7 +65,7 @@ def test_manifest_keeps_one_valid_line_per_id(tmp_path):
 def test_dead_actor_chunk_is_requeued_item_by_item_until_given_up():
     queue, report = deque([[BatchItem("later", None)]]), BatchReport(total=4)
     chunk = [BatchItem("x", None), BatchItem("y", None, attempts=2), BatchItem("z", None)]
-    _requeue(queue, chunk, 3, report, RuntimeError("gone"))
+    requeue_failed(queue, chunk, 3, report, RuntimeError("gone"))
     assert [[it.id for it in c] for c in queue] == [["x"], ["z"], ["later"]]   # first, one by one
     assert [c[0].attempts for c in queue] == [1, 1, 0]
     assert list(report.failed) == ["y"]                                        # its 3rd death
