@@ -9,8 +9,8 @@ from collections import deque
 import numpy as np
 import pytest
 
-from chattts_vllm.serving.ray_batch import (BatchItem, BatchReport, Manifest, requeue_failed, parse_item,
-                                            read_items, wav_name, write_atomic)
+from chattts_vllm.serving.ray_batch import (BatchItem, BatchReport, Manifest, parse_item,
+                                            read_items, requeue_failed, wav_name, write_atomic)
 
 
 def test_wav_names_are_safe_and_distinct():
