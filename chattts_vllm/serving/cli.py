@@ -18,6 +18,7 @@ from pathlib import Path
 
 from chattts_vllm import ARCHITECTURE
 from chattts_vllm.cli import command
+from chattts_vllm.serving.inproc import inproc_requested
 
 DEMO_TEXT = "Hello! This is ChatTTS running on vLLM, from text to speech in one pipeline."
 SPEECH_PLUGIN = "chattts_speech"
@@ -228,7 +229,9 @@ def _serve(args: argparse.Namespace) -> int:
         rest = ["--served-model-name", "chattts", *rest]
     env = {**os.environ, "VLLM_PLUGINS": plugin_allowlist(os.environ.get("VLLM_PLUGINS"))}
     argv = vllm_serve_argv(model, rest)
-    if inproc_serve_requested(env):
+    if inproc_requested(env):
+        # vLLM's own `vllm serve` always starts the engine core in a child process and ignores
+        # VLLM_ENABLE_V1_MULTIPROCESSING (on the GPU machine that child hung at start-up), so:
         # python -m MODULE ARGS -> python -c "<run_inproc>" MODULE ARGS
         argv = [sys.executable, "-c", "from chattts_vllm.serving.cli import run_inproc; run_inproc()",
                 *argv[2:]]
@@ -238,27 +241,13 @@ def _serve(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def inproc_serve_requested(environ=os.environ) -> bool:
-    """VLLM_ENABLE_V1_MULTIPROCESSING=0: serve with the engine core in the API server process.
-
-    vLLM's own `vllm serve` always starts the core in a child process (AsyncMPClient) and ignores
-    the variable; on the GPU machine that child hung at start-up. `serving/inproc.py` builds the same
-    AsyncLLM with the core on a thread of the server process instead.
-    """
-    return environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1").strip().lower() in ("0", "false")
-
-
 def run_inproc() -> None:
     """`python -m MODULE ARGS` (the vLLM server module) with AsyncLLM's core client in-process."""
     import runpy
-    from unittest import mock
 
-    from vllm.v1.engine.core_client import EngineCoreClient
-
-    from chattts_vllm.serving.inproc import InprocAsyncClient
+    from chattts_vllm.serving.inproc import core_client_in_process
 
     module, sys.argv = sys.argv[1], [sys.argv[1], *sys.argv[2:]]
     print(f"chattts-vllm serve: engine core in-process ({module})", file=sys.stderr)
-    with mock.patch.object(EngineCoreClient, "make_async_mp_client",
-                           staticmethod(lambda **kw: InprocAsyncClient(**kw))):
+    with core_client_in_process():
         runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-from vllm.logger import init_logger
-
-logger = init_logger(__name__)
+logger = logging.getLogger(__name__)      # no vllm import here: `chattts-vllm serve` reads
+                                          # `inproc_requested` before it execs the server
 
 _STOP = object()
 
@@ -206,31 +206,41 @@ def _set_exception(fut: asyncio.Future, e: BaseException) -> None:
         fut.set_exception(e)
 
 
+@contextlib.contextmanager
+def core_client_in_process() -> Iterator[None]:
+    """While open, every `AsyncLLM` built gets `InprocAsyncClient` for its engine core.
+
+    `AsyncLLM.__init__` asks `EngineCoreClient.make_async_mp_client` for its client; this swaps
+    that factory for the duration (construction only: the client object is what stays)."""
+    from vllm.v1.engine.core_client import EngineCoreClient
+
+    factory = EngineCoreClient.__dict__["make_async_mp_client"]
+    EngineCoreClient.make_async_mp_client = staticmethod(lambda **kw: InprocAsyncClient(**kw))
+    try:
+        yield
+    finally:
+        EngineCoreClient.make_async_mp_client = factory
+
+
 @contextlib.asynccontextmanager
 async def build_inproc_async_engine(engine_args, usage_context=None) -> AsyncIterator[Any]:
     """An `AsyncLLM` whose engine core runs in this process (see the module docstring).
 
     Built as `build_async_engine_client_from_engine_args` builds it, with `InprocAsyncClient` for
-    the client that `AsyncLLM.__init__` asks `EngineCoreClient.make_async_mp_client` for.
+    the client (`core_client_in_process`).
     """
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
-    from vllm.v1.engine.core_client import EngineCoreClient
 
     vllm_config = engine_args.create_engine_config(
         usage_context=usage_context or UsageContext.OPENAI_API_SERVER)
     logger.info("starting the engine core in this process (pid %d), on its own thread", os.getpid())
-    # AsyncLLM.__init__ asks this factory for its client; swap it for the construction only.
-    factory = EngineCoreClient.__dict__["make_async_mp_client"]
-    EngineCoreClient.make_async_mp_client = staticmethod(lambda **kw: InprocAsyncClient(**kw))
-    try:
+    with core_client_in_process():
         engine = AsyncLLM.from_vllm_config(
             vllm_config=vllm_config, usage_context=usage_context or UsageContext.OPENAI_API_SERVER,
             enable_log_requests=engine_args.enable_log_requests,
             aggregate_engine_logging=engine_args.aggregate_engine_logging,
             disable_log_stats=engine_args.disable_log_stats)
-    finally:
-        EngineCoreClient.make_async_mp_client = factory
     try:
         await engine.reset_mm_cache()
         yield engine
