@@ -32,12 +32,13 @@ import datetime as dt
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from bench_common import free_port, gpu_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SR = 24000
@@ -49,19 +50,8 @@ def log(msg: str) -> None:
 
 
 def card_name() -> str:
-    """The first GPU's name with dashes (nvidia-smi: the driver process holds no CUDA context)."""
-    if shutil.which("nvidia-smi"):
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True).stdout.strip().splitlines()
-        if out:
-            return out[0].strip().replace(" ", "-")
-    return "cpu"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """The first GPU's name with dashes."""
+    return gpu_info()[0].replace(" ", "-")
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -209,7 +199,7 @@ def run(args, model: str, on_row=lambda rows: None) -> list[dict]:
     if gpu and ray.cluster_resources().get("GPU", 0) < need:
         raise SystemExit(f"{max(args.replicas)} replicas need {need:g} GPUs; Ray sees "
                          f"{ray.cluster_resources().get('GPU', 0):g}")
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 logging_config={"enable_access_log": False})       # no line per request
     url, rows = f"http://127.0.0.1:{port}", []

@@ -28,9 +28,7 @@ import datetime
 import json
 import os
 import shlex
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,21 +39,20 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
+from bench_common import free_port, gpu_info
+
 SAMPLE_RATE = 24000
 TEXT = ("The quick brown fox jumps over the lazy dog, and then it runs far away into the quiet "
         "green forest.")
 
 
 def card_name() -> tuple[str, str]:
-    """(full name, short slug) of the first GPU, from nvidia-smi; the bench itself needs no CUDA."""
-    if shutil.which("nvidia-smi"):
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True).stdout.strip().splitlines()
-        if out:
-            name = out[0].strip()
-            slug = next((k for k in ("H200", "H100", "A100", "L40S", "B200") if k in name), name)
-            return name, slug.lower().replace(" ", "")
-    return "cpu", "cpu"
+    """(full name, short slug) of the first GPU; the bench itself needs no CUDA."""
+    name = gpu_info()[0]
+    if name == "cpu":
+        return "cpu", "cpu"
+    slug = next((k for k in ("H200", "H100", "A100", "L40S", "B200") if k in name), name)
+    return name, slug.lower().replace(" ", "")
 
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> dict:
@@ -140,12 +137,6 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

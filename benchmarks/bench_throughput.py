@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_common
+
 FPS = 46.875
 SAMPLE_RATE = 24000
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,14 +55,9 @@ def log(msg: str) -> None:
 
 
 def gpu_info() -> tuple[str, float]:
-    """(card name with dashes, total GiB) from nvidia-smi, so the parent holds no CUDA context."""
-    if shutil.which("nvidia-smi"):
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True).stdout.strip().splitlines()
-        if out:
-            name, mem = out[0].rsplit(",", 1)
-            return name.strip().replace(" ", "-"), float(mem) / 1024
-    return "cpu", 0.0
+    """(card name with dashes, total GiB)."""
+    name, gib = bench_common.gpu_info()
+    return name.replace(" ", "-"), gib
 
 
 # -- the work of one engine process ----------------------------------------------------------------
