@@ -157,7 +157,8 @@ class V1BatchState:
             while len(self.parked) > MAX_PARKED:
                 self.parked.popitem(last=False)
 
-    def _check_all(self) -> None:
+    def check_histories(self) -> None:
+        """The CHATTTS_VLLM_CHECK_ROWS check over every code row now (raises AssertionError)."""
         code = sorted(r for r, s in self.rows.items() if s.is_code)
         _check_histories(code, [self.rows[r] for r in code])
 
@@ -271,13 +272,12 @@ class V1BatchState:
 def _check_histories(rows: list[int], states: list[RequestFrames]) -> None:
     for r, s in zip(rows, states):
         j = s.num_generated
-        got = [int(s.frames[i, 0]) for i in range(j)]
-        want = [int(t) for t in s.output_ids[:j]]
-        if got != want:
-            bad = next(i for i in range(j) if got[i] != want[i])
+        bad = np.flatnonzero(s.frames[:j, 0] != np.asarray(s.output_ids[:j]))
+        if bad.size:
+            b = int(bad[0])
             raise AssertionError(f"row {r} sink {s.req.sink} seed {s.req.seed}: frame history "
-                                 f"disagrees with the engine's tokens at {bad} of {j}: "
-                                 f"{got[bad:bad + 4]} vs {want[bad:bad + 4]}")
+                                 f"disagrees with the engine's tokens at {b} of {j}: "
+                                 f"{s.frames[b:b + 4, 0].tolist()} vs {list(s.output_ids[b:b + 4])}")
 
 
 def _query_start_loc() -> np.ndarray | None:

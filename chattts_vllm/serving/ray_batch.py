@@ -381,7 +381,7 @@ def run_batch(items: list[BatchItem], out_dir: str | os.PathLike, model_dir: str
 
 
 def requeue_failed(queue: deque, chunk: list[BatchItem], max_attempts: int, report: BatchReport,
-             cause: Exception) -> None:
+                   cause: Exception) -> None:
     """A dead actor's chunk goes back to the front, one item per chunk after the first death, so an
     item that kills its actor every time is found and given up after `max_attempts`."""
     for it in reversed(chunk):

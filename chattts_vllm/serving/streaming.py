@@ -218,7 +218,7 @@ class SpeechJob:
                 u.check()
                 n = u.frames
                 if not u.done and early <= n < first:
-                    wav = await audio.run(self._early, u, n, audio)
+                    wav = await audio.run(self._decode, u, n, audio)
                     cut = SAMPLES_PER_FRAME * (n - HOLD_BACK_FRAMES)
                     splice = _Splice(cut, wav[cut:cut + CROSSFADE])
                     # The first exact push: once it reaches a quarter block past the early chunk.
@@ -243,13 +243,6 @@ class SpeechJob:
                 yield tail
 
     @staticmethod
-    @torch.inference_mode()
-    def _early(u: Utterance, n: int, audio: AudioRunner) -> np.ndarray:
-        """Frames [0, n) decoded as a whole utterance: the right edge padded like an ending."""
-        codes, hidden = u.read(0, n)
-        return decode_utterance(audio.models, codes, hidden, audio.use_decoder)
-
-    @staticmethod
     def _push(u: Utterance, dec, start: int, stop: int, use_decoder: bool) -> np.ndarray:
         codes, hidden = u.read(start, stop)
         return dec.push(frames_input(codes, hidden, use_decoder)).float().cpu().numpy()
@@ -260,14 +253,15 @@ class SpeechJob:
         for u in self.utterances:
             await u.wait(float("inf"))
             u.check()
-            parts.append(await audio.run(self._decode, u, audio))
+            parts.append(await audio.run(self._decode, u, u.frames, audio))
             u.close()
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     @staticmethod
     @torch.inference_mode()
-    def _decode(u: Utterance, audio: AudioRunner) -> np.ndarray:
-        codes, hidden = u.read(0, u.frames)
+    def _decode(u: Utterance, n: int, audio: AudioRunner) -> np.ndarray:
+        """Frames [0, n) decoded as a whole utterance: the right edge padded like an ending."""
+        codes, hidden = u.read(0, n)
         return decode_utterance(audio.models, codes, hidden, audio.use_decoder)
 
     def close(self) -> None:

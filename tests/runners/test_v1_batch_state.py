@@ -55,7 +55,7 @@ def test_history_survives_a_slot_vacated_by_a_move():
     # b comes back later (vLLM hands over the same live output list) at another row.
     _update(st, added=[(2, pb, [1] * 5, ob)], size=3)
     np.testing.assert_array_equal(st.rows[2].frames[:7], history)
-    st._check_all()
+    st.check_histories()
 
 
 def test_history_survives_removal_swap_and_slot_reuse():
@@ -74,7 +74,7 @@ def test_history_survives_removal_swap_and_slot_reuse():
     _update(st, added=[(1, ps[0], [1] * 5, outs[0]), (3, ps[1], [1] * 5, outs[1])], size=4)
     np.testing.assert_array_equal(st.rows[1].frames[:4], want[0])
     np.testing.assert_array_equal(st.rows[3].frames[:5], want[1])
-    st._check_all()
+    st.check_histories()
 
 
 def test_history_check_catches_a_lost_history():
@@ -82,4 +82,4 @@ def test_history_check_catches_a_lost_history():
     out = [5, 6, 7]
     _update(st, added=[(0, _params(9), [1] * 5, out)], size=1)   # re-entry with no parked history
     with pytest.raises(AssertionError, match="frame history disagrees"):
-        st._check_all()
+        st.check_histories()
