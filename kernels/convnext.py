@@ -380,12 +380,19 @@ def _has_tma(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def tma_layout_ok(t: torch.Tensor) -> bool:
+    """16-byte aligned base and strides, unit inner stride. A size-1 dim's stride is never used,
+    and torch leaves it arbitrary (a 1x1 conv weight seen as (N, 1, CIN) keeps stride 1 there), so
+    it does not count: counting it sent every 1x1 conv to the pointer fallback."""
+    return t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(
+        (s * t.element_size()) % 16 == 0 for s, d in zip(t.stride()[:-1], t.shape[:-1]) if d > 1)
+
+
 def _tma_ok(*tensors: torch.Tensor) -> bool:
-    """TMA needs 16-byte aligned bases and strides (and a Hopper+ GPU, or the interpreter)."""
+    """TMA needs `tma_layout_ok` tensors (and a Hopper+ GPU, or the interpreter)."""
     if not INTERPRET and not _has_tma(tensors[0].device):
         return False
-    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
-               and all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
+    return all(tma_layout_ok(t) for t in tensors)
 
 
 def _desc(t: torch.Tensor):

@@ -127,3 +127,16 @@ def test_models_bf16_no_worse_than_pytorch_bf16(mlp):
     print("triton", errs, "pytorch", torch_errs)
     for name, err in errs.items():
         assert err <= max(1.5 * torch_errs[name], 1e-2) and err <= 3e-2, name
+
+
+@pytest.mark.parametrize("n,cin", [(2048, 512), (512, 2048), (1536, 512), (512, 1536), (1026, 512)])
+def test_pointwise_convs_take_the_tma_path(n, cin):
+    """Every 1x1 conv of the real models (the MLP halves, the head) is TMA-describable on Hopper:
+    a size-1 stride check once sent them all to the slower pointer kernel."""
+    k = triton_kernels("convnext")
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs Hopper or newer")
+    w = torch.randn(n, cin, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(B, T, cin, device="cuda", dtype=torch.bfloat16)
+    out = k._empty_rows((B, T, n), torch.bfloat16, x.device)
+    assert k._tma_ok(x, out, k._tap_major(w, 8))
