@@ -18,8 +18,6 @@ an async device-to-host copy.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -36,7 +34,7 @@ from chattts_vllm.config import AUDIO_EOS, EBREAK_ID, NUM_TEXT_TOKENS, NUM_VQ
 from chattts_vllm.gpt.model import LogitsLayout, TokenInputs, split_code_logits
 from chattts_vllm.gpt.sampling import RowParams, sample
 from chattts_vllm.params import EngineRequest
-from chattts_vllm.runners.outputs import FrameWriter, record_size
+from chattts_vllm.runners.outputs import FrameSinkThread, record_size
 
 logger = logging.getLogger(__name__)
 MAX_PARKED = 256
@@ -46,63 +44,6 @@ class _NoPenalties:
     """The runner reads `penalties_state.output_bin_counts`; None turns vLLM's bin counting off."""
 
     output_bin_counts = None
-
-
-class FrameSinkThread:
-    """Writes committed frames to the side channel off the critical path, in step order.
-
-    Each step's records arrive in one of a few pinned host buffers (a free list, so a sink that
-    falls behind makes the sampler wait instead of overwriting a buffer still being read).
-    """
-
-    def __init__(self, max_rows: int, words: int, num_buffers: int = 4) -> None:
-        self.jobs: queue.Queue = queue.Queue()
-        self.free: queue.Queue = queue.Queue()
-        for _ in range(num_buffers):
-            self.free.put(torch.empty(max_rows, words, dtype=torch.int32, pin_memory=True))
-        self.writers: dict[int, FrameWriter] = {}
-        threading.Thread(target=self._run, daemon=True, name="chattts-frame-sink").start()
-
-    def open(self, slot: int, key: str | None) -> None:
-        self.jobs.put(("open", slot, key))
-
-    def close(self, slot: int) -> None:
-        self.jobs.put(("close", slot, None))
-
-    def take_buffer(self) -> torch.Tensor:
-        return self.free.get()
-
-    def submit(self, event: torch.cuda.Event, slots: np.ndarray, host: torch.Tensor, n: int) -> None:
-        self.jobs.put(("frames", event, (slots, host, n)))
-
-    def _run(self) -> None:
-        while True:
-            kind, a, b = self.jobs.get()
-            try:
-                if kind == "open":
-                    old = self.writers.pop(a, None)
-                    if old is not None:
-                        old.close()
-                    if b is not None:
-                        self.writers[a] = FrameWriter(b)
-                elif kind == "close":
-                    w = self.writers.pop(a, None)
-                    if w is not None:
-                        w.close()
-                else:
-                    slots, host, n = b
-                    try:
-                        a.synchronize()
-                        records = host.numpy()[:n]
-                        writers = self.writers
-                        for i, slot in enumerate(slots.tolist()):
-                            w = writers.get(slot)
-                            if w is not None and records[i, 0] > 0:
-                                w.write_record(records[i])
-                    finally:
-                        self.free.put(host)
-            except Exception:  # keep the engine alive; the front end reports the missing frame
-                logger.exception("chattts frame sink failed on a %s job", kind)
 
 
 class ChatTTSModelState(DefaultModelState):

@@ -12,18 +12,23 @@ raw completions API cannot make the worker write anywhere else.
 """
 from __future__ import annotations
 
+import logging
 import mmap
 import os
+import queue
 import re
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from chattts_vllm.config import HIDDEN_SIZE, NUM_VQ
 
+logger = logging.getLogger(__name__)
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 
 
@@ -147,3 +152,60 @@ class FrameReader:
             self.path.unlink()
         except FileNotFoundError:
             pass
+
+
+class FrameSinkThread:
+    """Writes committed frames to the side channel off the critical path, in step order.
+
+    Each step's records arrive in one of a few pinned host buffers (a free list, so a sink that
+    falls behind makes the sampler wait instead of overwriting a buffer still being read).
+    """
+
+    def __init__(self, max_rows: int, words: int, num_buffers: int = 4) -> None:
+        self.jobs: queue.Queue = queue.Queue()
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(num_buffers):
+            self.free.put(torch.empty(max_rows, words, dtype=torch.int32, pin_memory=True))
+        self.writers: dict[int, FrameWriter] = {}
+        threading.Thread(target=self._run, daemon=True, name="chattts-frame-sink").start()
+
+    def open(self, slot: int, key: str | None) -> None:
+        self.jobs.put(("open", slot, key))
+
+    def close(self, slot: int) -> None:
+        self.jobs.put(("close", slot, None))
+
+    def take_buffer(self) -> torch.Tensor:
+        return self.free.get()
+
+    def submit(self, event: torch.cuda.Event, slots: np.ndarray, host: torch.Tensor, n: int) -> None:
+        self.jobs.put(("frames", event, (slots, host, n)))
+
+    def _run(self) -> None:
+        while True:
+            kind, a, b = self.jobs.get()
+            try:
+                if kind == "open":
+                    old = self.writers.pop(a, None)
+                    if old is not None:
+                        old.close()
+                    if b is not None:
+                        self.writers[a] = FrameWriter(b)
+                elif kind == "close":
+                    w = self.writers.pop(a, None)
+                    if w is not None:
+                        w.close()
+                else:
+                    slots, host, n = b
+                    try:
+                        a.synchronize()
+                        records = host.numpy()[:n]
+                        writers = self.writers
+                        for i, slot in enumerate(slots.tolist()):
+                            w = writers.get(slot)
+                            if w is not None and records[i, 0] > 0:
+                                w.write_record(records[i])
+                    finally:
+                        self.free.put(host)
+            except Exception:  # keep the engine alive; the front end reports the missing frame
+                logger.exception("chattts frame sink failed on a %s job", kind)
