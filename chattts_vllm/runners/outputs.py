@@ -12,6 +12,7 @@ raw completions API cannot make the worker write anywhere else.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
@@ -81,9 +82,18 @@ class FrameWriter:
         self.capacity = capacity
 
     def _row(self, index: int) -> np.ndarray:
+        self.reserve(index)
+        return self.rows[index]
+
+    def reserve(self, index: int) -> None:
+        """Make record `index` writable (grows the map, which moves `base`)."""
         if index >= self.capacity:
             self._grow(max(2 * self.capacity, index + 1))
-        return self.rows[index]
+
+    @property
+    def base(self) -> int:
+        """Address of record 0 in this process (valid until the next grow or close)."""
+        return self.rows.ctypes.data
 
     def write(self, index: int, codes: np.ndarray, hidden: np.ndarray) -> None:
         row = self._row(index)
@@ -154,19 +164,46 @@ class FrameReader:
             pass
 
 
+def write_records_twin(records: np.ndarray, dest: np.ndarray) -> None:
+    """Python twin of the csrc op `write_frame_records`: row i of `records` to address dest[i]
+    (0: skipped), payload first, then the marker word."""
+    words = records.shape[1]
+    for i in np.flatnonzero(dest):
+        row = np.ctypeslib.as_array(ctypes.cast(int(dest[i]), ctypes.POINTER(ctypes.c_int32)), (words,))
+        row[1:] = records[i, 1:]
+        row[0] = records[i, 0]
+
+
+def _native_writer():
+    """torch.ops.chattts_vllm.write_frame_records where the csrc extension is built, else None."""
+    from chattts_vllm import ops
+
+    if os.environ.get("CHATTTS_VLLM_NATIVE_SINK", "1") == "0" or not ops.HAS_CUDA_OPS:
+        return None
+    return getattr(torch.ops.chattts_vllm, "write_frame_records", None)
+
+
 class FrameSinkThread:
     """Writes committed frames to the side channel off the critical path, in step order.
 
     Each step's records arrive in one of a few pinned host buffers (a free list, so a sink that
-    falls behind makes the sampler wait instead of overwriting a buffer still being read).
+    falls behind makes the sampler wait instead of overwriting a buffer still being read). The
+    step's destinations are computed with numpy from per-slot base addresses, and the copy is one
+    native call (`write_frame_records`) that releases the GIL: at 512 rows a step, a Python loop
+    here held the GIL for milliseconds that the engine thread (scheduler, runner) was waiting for.
     """
 
-    def __init__(self, max_rows: int, words: int, num_buffers: int = 4) -> None:
+    def __init__(self, max_rows: int, words: int, num_buffers: int = 4, native=None) -> None:
         self.jobs: queue.Queue = queue.Queue()
         self.free: queue.Queue = queue.Queue()
+        pin = torch.cuda.is_available()
         for _ in range(num_buffers):
-            self.free.put(torch.empty(max_rows, words, dtype=torch.int32, pin_memory=True))
+            self.free.put(torch.empty(max_rows, words, dtype=torch.int32, pin_memory=pin))
+        self.record_bytes = words * 4
         self.writers: dict[int, FrameWriter] = {}
+        self.base = np.zeros(max_rows, dtype=np.int64)         # per slot: record 0's address, 0 = none
+        self.capacity = np.zeros(max_rows, dtype=np.int64)
+        self.write = _native_writer() if native is None else (native or None)   # False: the twin
         threading.Thread(target=self._run, daemon=True, name="chattts-frame-sink").start()
 
     def open(self, slot: int, key: str | None) -> None:
@@ -178,34 +215,61 @@ class FrameSinkThread:
     def take_buffer(self) -> torch.Tensor:
         return self.free.get()
 
-    def submit(self, event: torch.cuda.Event, slots: np.ndarray, host: torch.Tensor, n: int) -> None:
+    def submit(self, event, slots: np.ndarray, host: torch.Tensor, n: int) -> None:
+        """`event` (a CUDA event, or None for host data) marks `host[:n]` ready."""
         self.jobs.put(("frames", event, (slots, host, n)))
+
+    def _track(self, slot: int) -> None:
+        w = self.writers.get(slot)
+        self.base[slot] = w.base if w is not None else 0
+        self.capacity[slot] = w.capacity if w is not None else 0
+
+    def _open(self, slot: int, key: str | None) -> None:
+        old = self.writers.pop(slot, None)
+        if old is not None:
+            old.close()
+        if key is not None:
+            self.writers[slot] = FrameWriter(key)
+        self._track(slot)
+
+    def _close(self, slot: int) -> None:
+        w = self.writers.pop(slot, None)
+        if w is not None:
+            w.close()
+        self._track(slot)
+
+    def destinations(self, slots: np.ndarray, markers: np.ndarray) -> np.ndarray:
+        """Each row's record address (0: no record, or no open writer for its slot)."""
+        index = markers.astype(np.int64) - 1
+        live = (markers > 0) & (self.base[slots] != 0)
+        for i in np.flatnonzero(live & (index >= self.capacity[slots])):   # rare: grow first
+            slot = int(slots[i])
+            self.writers[slot].reserve(int(index[i]))
+            self._track(slot)
+        return np.where(live, self.base[slots] + index * self.record_bytes, 0)
+
+    def _frames(self, slots: np.ndarray, host: torch.Tensor, n: int) -> None:
+        records = host[:n]
+        dest = self.destinations(slots, records[:, 0].numpy())
+        if self.write is not None:
+            self.write(records, torch.from_numpy(dest))
+        else:
+            write_records_twin(records.numpy(), dest)
 
     def _run(self) -> None:
         while True:
             kind, a, b = self.jobs.get()
             try:
                 if kind == "open":
-                    old = self.writers.pop(a, None)
-                    if old is not None:
-                        old.close()
-                    if b is not None:
-                        self.writers[a] = FrameWriter(b)
+                    self._open(a, b)
                 elif kind == "close":
-                    w = self.writers.pop(a, None)
-                    if w is not None:
-                        w.close()
+                    self._close(a)
                 else:
-                    slots, host, n = b
                     try:
-                        a.synchronize()
-                        records = host.numpy()[:n]
-                        writers = self.writers
-                        for i, slot in enumerate(slots.tolist()):
-                            w = writers.get(slot)
-                            if w is not None and records[i, 0] > 0:
-                                w.write_record(records[i])
+                        if a is not None:
+                            a.synchronize()
+                        self._frames(*b)
                     finally:
-                        self.free.put(host)
+                        self.free.put(b[1])
             except Exception:  # keep the engine alive; the front end reports the missing frame
                 logger.exception("chattts frame sink failed on a %s job", kind)
