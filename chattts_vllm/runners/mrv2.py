@@ -10,10 +10,13 @@ step is a handful of gathers and scatters with no host sync (async scheduling st
 - per-slot parameters (temperature x4, top-p, top-k, penalty, min_new_token, seed) and the speaker.
 
 `prepare_inputs` fills one persistent `inputs_embeds` buffer (CUDA graphs replay its address) with
-the model's own `embed_tokens`; the sampler runs the fused CUDA kernel (`ops.sample_codebooks_from
+the ChatTTS input embedding; the sampler runs the fused CUDA kernel (`ops.sample_codebooks_from
 _buffer`, twin: gpt/sampling.py), emits code0 or 625, and commits the frame. Codes and hidden states
 go to the front end through the same side channel as on V1, written by a background thread after
-an async device-to-host copy.
+an async device-to-host copy. On CUDA the embedding and the commit + record packing are one Triton
+launch each (kernels/frame_glue.py: at batch 1 the step is host-bound and the eager glue was ~80
+launches); their PyTorch twins (runners/frame_glue.py, the model's `embed_tokens`) run on CPU or
+with `CHATTTS_VLLM_FUSED_GLUE=0`.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ from chattts_vllm.config import AUDIO_EOS, EBREAK_ID, NUM_TEXT_TOKENS, NUM_VQ
 from chattts_vllm.gpt.model import LogitsLayout, TokenInputs, split_code_logits
 from chattts_vllm.gpt.sampling import RowParams, sample
 from chattts_vllm.params import EngineRequest
+from chattts_vllm.runners.frame_glue import (commit_and_pack_torch, fused_glue_kernels,
+                                             token_embeddings_torch)
 from chattts_vllm.runners.outputs import FrameSinkThread, record_size
 
 logger = logging.getLogger(__name__)
@@ -66,6 +71,10 @@ class ChatTTSModelState(DefaultModelState):
         self.min_new = torch.zeros(S, dtype=torch.int64, device=device)
         self.seed = torch.zeros(S, dtype=torch.int64, device=device)
         self.embeds = torch.zeros(self.max_num_tokens, H, dtype=self.dtype, device=device)
+        self.glue = fused_glue_kernels(device)             # None: the PyTorch twins
+        if self.glue is not None and getattr(model.model.embed_tokens, "tp_size", 1) != 1:
+            self.glue = None                               # the kernel reads one unsharded table
+        self.records = torch.zeros(S, record_size(H) // 4, dtype=torch.int32, device=device)
         self.slot_of: dict[str, int] = {}
         self.parked: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.sink = FrameSinkThread(S, record_size(H) // 4)
@@ -127,23 +136,26 @@ class ChatTTSModelState(DefaultModelState):
         return None  # inputs_embeds always comes from prepare_inputs on this runner
 
     def _slot_of_tokens(self, input_batch: InputBatch, n: int) -> torch.Tensor:
+        """[n] slot of each token (int32, as idx_mapping: the kernel reads it without a cast)."""
         if n == input_batch.num_reqs:           # one token per row (decode): row i is token i
-            return input_batch.idx_mapping[:n].long()
+            return input_batch.idx_mapping[:n]
         qsl = input_batch.query_start_loc[1:input_batch.num_reqs + 1]
         row = torch.searchsorted(qsl, torch.arange(n, device=qsl.device, dtype=qsl.dtype), right=True)
-        return input_batch.idx_mapping[row.clamp(max=input_batch.num_reqs - 1)].long()
+        return input_batch.idx_mapping[row.clamp(max=input_batch.num_reqs - 1)]
 
     def prepare_inputs(self, input_batch: InputBatch, req_states: RequestState) -> dict[str, Any]:
         out = super().prepare_inputs(input_batch, req_states)
         n = input_batch.num_tokens
-        ids = input_batch.input_ids[:n]
-        pos = input_batch.positions[:n].long()
+        ids, pos = input_batch.input_ids[:n], input_batch.positions[:n]
         slot = self._slot_of_tokens(input_batch, n)
-        is_audio = self.is_code[slot] & (pos >= self.text_len[slot])
-        codes = self.codes[slot, pos.clamp(max=self.trash)]
-        extras = TokenInputs(codes=torch.where(is_audio.unsqueeze(1), codes, -1),
-                             speaker_mask=pos == self.spk_pos[slot], speaker_vectors=self.spk_vec[slot])
-        self.embeds[:n] = self.model.embed_tokens(ids, extras)
+        state = (self.is_code, self.text_len, self.spk_pos, self.spk_vec, self.codes, self.trash)
+        if self.glue is not None:
+            emb = self.model.model.embed_tokens.weight
+            self.glue.token_embeddings(self.embeds, ids, pos, slot, *state, emb,
+                                       [e.weight for e in self.model.emb_code])
+        else:
+            self.embeds[:n] = token_embeddings_torch(self.model.embed_tokens, ids, pos.long(),
+                                                     slot.long(), *state)
         self.layout = self._layout(input_batch.idx_mapping_np[:input_batch.num_reqs])
         out["inputs_embeds"] = self.embeds[:input_batch.num_tokens_after_padding]
         return out
@@ -213,20 +225,20 @@ class ChatTTSSampler:
         codes = ops.sample_codebooks_from_buffer(
             code_logits, st.codes, slot, first, frame, st.temperature[slot], st.top_p[slot],
             st.top_k[slot], st.penalty[slot], frame < st.min_new[slot], st.seed[slot], frame)
-        eos = (codes == AUDIO_EOS).any(dim=1)
-        commit = st.is_code[slot] & (num_sampled > 0) & ~eos
-        col = torch.where(commit, first + frame, torch.full_like(frame, st.trash)).clamp(max=st.trash)
-        st.codes[slot, col] = codes.to(torch.int32)
-        self._export(input_batch, torch.where(commit, frame, -1), codes)
-        return torch.where(eos, torch.full_like(codes[:, 0], AUDIO_EOS), codes[:, 0])
+        hidden = st.model.last_hidden_states[:len(slot)]
+        args = (codes, st.codes, st.is_code, slot, first, frame, num_sampled, hidden, st.trash,
+                AUDIO_EOS)
+        if st.glue is not None:
+            sampled, records = st.glue.commit_and_pack(*args, records=st.records)
+        else:
+            sampled, records = commit_and_pack_torch(*args)
+        self._export(input_batch, records)
+        return sampled
 
-    def _export(self, input_batch, frame: torch.Tensor, codes: torch.Tensor) -> None:
-        """Async copy of one side-channel record per row (frame < 0: none) to the sink thread."""
+    def _export(self, input_batch, records: torch.Tensor) -> None:
+        """Async copy of the rows' side-channel records (marker 0: none) to the sink thread."""
         st = self.state
-        n = len(frame)
-        hidden = st.model.last_hidden_states[:n].float()
-        head = torch.cat([(frame + 1).unsqueeze(1), codes], dim=1).to(torch.int32)
-        records = torch.cat([head, hidden.view(torch.int32)], dim=1)
+        n = len(records)
         host = st.sink.take_buffer()
         host[:n].copy_(records, non_blocking=True)
         event = torch.cuda.Event()
