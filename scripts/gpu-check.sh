@@ -53,10 +53,11 @@ case "${1:-}" in
   serving)
     # Streaming time to first audio against a real `chattts-vllm serve` (20-layer random checkpoint,
     # benchmarks/bench_serving.py --serve): 1 and 64 concurrent 5 s streams, exact stream vs the
-    # low-latency first chunk after 12 / 24 frames; about 4 min. The engine core runs in the server
-    # process (serving/inproc.py) unless SERVE_MP=1: the spawned core hung on this machine.
-    # JSON, plot and the server's log go to $OUT.
-    shift; inproc=--inproc; [ -n "${SERVE_MP:-}" ] && inproc=
+    # low-latency first chunk after 12 / 24 frames; about 4 min. The engine core runs in its own
+    # (spawned) process, as `chattts-vllm serve` starts it; SERVE_INPROC=1 puts it in the server
+    # process instead (serving/inproc.py). JSON, plot and the server's log go to $OUT.
+    shift; inproc=; [ -n "${SERVE_INPROC:-}" ] && inproc=--inproc
+    [ -z "$inproc" ] && unset VLLM_ENABLE_V1_MULTIPROCESSING
     timeout "${SERVING_TIMEOUT:-540}" $py benchmarks/bench_serving.py --serve random $inproc \
       --serve-args "--max-model-len 1024 --max-num-seqs 128 --gpu-memory-utilization 0.8" \
       --concurrency 1 64 --rounds 2 --first-chunk-frames 0 12 24 \

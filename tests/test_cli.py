@@ -83,3 +83,18 @@ def test_download_fails_clearly_without_network(tmp_path):
     assert "could not download 2Noise/ChatTTS" in r.stderr
     assert "chattts-vllm convert" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "model" / "config.json").exists()
+
+
+def test_serve_env_spawns_the_engine_core_on_cuda(monkeypatch):
+    """On CUDA the engine core is spawned (a forked one inherits the server's CUDA state and
+    threads); a user's own start method, and the in-process core, are left alone."""
+    from chattts_vllm.serving import cli as serve_cli
+
+    monkeypatch.setattr(serve_cli, "_has_cuda", lambda: True)
+    env = serve_cli.serve_env({"PATH": "/bin"})
+    assert env["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+    assert "chattts" in env["VLLM_PLUGINS"]
+    assert serve_cli.serve_env({"VLLM_WORKER_MULTIPROC_METHOD": "fork"})["VLLM_WORKER_MULTIPROC_METHOD"] == "fork"
+    assert "VLLM_WORKER_MULTIPROC_METHOD" not in serve_cli.serve_env({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    monkeypatch.setattr(serve_cli, "_has_cuda", lambda: False)
+    assert "VLLM_WORKER_MULTIPROC_METHOD" not in serve_cli.serve_env({})

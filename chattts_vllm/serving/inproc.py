@@ -2,7 +2,8 @@
 
 vLLM 0.26's `AsyncLLM` always starts its `EngineCore` in a child process (`AsyncMPClient`);
 `VLLM_ENABLE_V1_MULTIPROCESSING=0` only affects the synchronous `LLMEngine`. Where that child
-process cannot be used (on the GPU machine it hung at start-up) this builds the same `AsyncLLM`
+process cannot be used (on the GPU machine it once hung at start-up under vLLM's default `fork`
+start; `chattts-vllm serve` now asks for `spawn` there, see cli.serve_env) this builds the same `AsyncLLM`
 with `InprocAsyncClient` in place of `AsyncMPClient`: everything above the engine core (input and
 output processing, request streams, aborts on cancellation, health) is vLLM's own code, and the
 core is vLLM's own `EngineCore` stepped as `EngineCoreProc.run_busy_loop` steps it, without ZMQ.
