@@ -5,25 +5,15 @@ TRITON_INTERPRET must be set before triton is imported, so the cases run in a ch
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from interpreter import run_cases
 
 TOL = 1e-5          # fp32, max|kernel − twin| / max|twin|
 
 
 @pytest.fixture(scope="module")
 def errors() -> dict[str, float]:
-    script = Path(__file__).with_name("kernel_cases.py")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=Path(__file__).parents[2])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout)
+    return run_cases("kernel_cases.py")
 
 
 def test_every_kernel_matches_its_twin(errors):
