@@ -1,0 +1,192 @@
+"""Coalesced network calls (audio/coalesce.py): many threads' streams batched on one worker give the
+same audio as each stream alone (fp32, max abs diff <= 1e-5), errors reach every caller of their
+group, and the whole-file path through the coalescer equals the plain one."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from audio_upstream import one_thread
+
+from chattts_vllm.audio.checkpoint import (AudioModels, decoder_shapes, load_decoder, load_vocos,
+                                           random_state_dict, vocos_shapes)
+from chattts_vllm.audio.coalesce import CoalescedNet, Coalescer, coalesced_models
+from chattts_vllm.audio.stream import StreamingDecoder
+from chattts_vllm.serving.pipeline import decode_utterance
+
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    """Narrow models with the real depth, hence the real receptive fields (75 and 27 mel frames)."""
+    dec = load_decoder(random_state_dict(decoder_shapes(idim=8, odim=16, hidden=16, bn_dim=8), 3))
+    voc = load_vocos(random_state_dict(vocos_shapes(dim=16, intermediate=32), 4))
+    return dec, voc
+
+
+def _blocks(total: int, sizes: list[int]):
+    i, k = 0, 0
+    while i < total:
+        n = sizes[k % len(sizes)]
+        yield i, min(total, i + n)
+        i, k = i + n, k + 1
+
+
+def _stream(mel_model, vocos, frames: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    s = StreamingDecoder(mel_model, vocos)
+    parts = [s.push(frames[a:b]) for a, b in _blocks(frames.shape[0], sizes)]
+    parts.append(s.flush())
+    return torch.cat(parts)
+
+
+def _hold(co: Coalescer) -> tuple[threading.Event, threading.Thread]:
+    """Keep the worker busy until the returned event is set, so that jobs pile up behind it."""
+    running, release = threading.Event(), threading.Event()
+
+    def held(x: torch.Tensor) -> torch.Tensor:
+        running.set()
+        release.wait()
+        return x
+
+    t = threading.Thread(target=co.call, args=(held, torch.zeros(1)))
+    t.start()
+    assert running.wait(30)
+    return release, t
+
+
+def _wait_queued(co: Coalescer, n: int, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while co._queue.qsize() < n:
+        assert time.monotonic() < end, f"only {co._queue.qsize()} of {n} jobs queued"
+        time.sleep(0.001)
+
+
+def test_lone_call_and_batch_dims():
+    with Coalescer() as co:
+        w = torch.randn(3, 5)
+        x = torch.randn(2, 4, 3)
+        assert torch.equal(co.call(lambda t: t @ w, x), x @ w)
+        assert co.stats.calls == 1 and co.stats.batched_calls == 0
+
+
+def test_many_threads_stream_equal_to_alone(tiny_models):
+    """16 streams of different lengths and block sizes; the first pushes all queue in one drain,
+    with different window lengths, so several shape groups run in the same drain."""
+    dec, voc = tiny_models
+    g = torch.Generator().manual_seed(0)
+    n = 16
+    lengths = [90 + 13 * (i % 5) for i in range(n)]
+    sizes = [[40 + 8 * (i % 3), 24 + (i % 2), 48] for i in range(n)]
+    frames = [torch.randn(t, 16, generator=g) for t in lengths]
+    with torch.inference_mode():
+        alone = [_stream(dec, voc, f, s) for f, s in zip(frames, sizes)]
+
+    got: list[torch.Tensor | BaseException | None] = [None] * n
+    with Coalescer() as co:
+        cdec, cvoc = CoalescedNet(dec, co), CoalescedNet(voc, co)
+        release, holder = _hold(co)
+
+        def run(i: int) -> None:
+            try:
+                got[i] = _stream(cdec, cvoc, frames[i], sizes[i])
+            except BaseException as e:  # noqa: BLE001 - reported below
+                got[i] = e
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        _wait_queued(co, n)                   # every stream's first mel call waits behind the hold
+        release.set()
+        for t in threads + [holder]:
+            t.join()
+        stats = co.stats
+    diffs = []
+    for i in range(n):
+        assert not isinstance(got[i], BaseException), got[i]
+        assert got[i].shape == alone[i].shape == (512 * lengths[i] - 256,)
+        diffs.append((got[i] - alone[i]).abs().max().item())
+    print(f"coalesced vs alone: max abs diff {max(diffs):.2e}; {stats}")
+    assert max(diffs) <= TOL
+    assert stats.calls < stats.jobs - 1 and stats.batched_calls >= 1
+    assert stats.largest >= 4 and stats.widest >= 3     # three first-push sizes: three mel shapes
+
+
+def test_error_reaches_every_caller_of_its_group_and_worker_survives():
+    def net(x: torch.Tensor) -> torch.Tensor:
+        if bool((x < 0).any()):
+            raise ValueError("negative input")
+        return 2 * x
+
+    with Coalescer() as co:
+        release, holder = _hold(co)
+        xs = [torch.full((1, 3), float(v)) for v in (1, -1, 2)] + [torch.full((1, 5), 3.0)]
+        out: list = [None] * len(xs)
+
+        def run(i: int) -> None:
+            try:
+                out[i] = co.call(net, xs[i])
+            except ValueError as e:
+                out[i] = e
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(xs))]
+        for t in threads:
+            t.start()
+        _wait_queued(co, len(xs))
+        release.set()
+        for t in threads + [holder]:
+            t.join()
+        # The (3,)-wide group failed as a whole; the (5,)-wide group in the same drain did not.
+        assert all(isinstance(out[i], ValueError) for i in range(3))
+        assert torch.equal(out[3], 2 * xs[3])
+        assert co.stats.batched_calls == 1 and co.stats.largest == 3
+        # The worker is alive and serves later calls.
+        assert torch.equal(co.call(net, torch.ones(2, 3)), 2 * torch.ones(2, 3))
+
+
+def test_closed_coalescer_refuses_calls():
+    co = Coalescer()
+    co.close()
+    assert not co._thread.is_alive()
+    with pytest.raises(RuntimeError):
+        co.call(lambda x: x, torch.ones(1))
+
+
+def test_proxy_forwards_everything_else(tiny_models):
+    dec, voc = tiny_models
+    with Coalescer() as co:
+        models = coalesced_models(AudioModels(dec, None, voc), co)
+        assert models.dvae is None
+        assert models.decoder.context == dec.context and models.vocos.hop_length == voc.hop_length
+        assert models.vocos.head is voc.head and next(models.vocos.parameters()) is next(voc.parameters())
+        assert models.vocos.decode_frames.__wrapped__ == voc.decode_frames
+
+
+def test_whole_file_path_through_coalescer_equals_plain(tiny_models):
+    """decode_utterance from 6 threads (two lengths, so two groups batch) == the plain decode."""
+    dec, voc = tiny_models
+    plain = AudioModels(dec, None, voc)
+    rng = np.random.default_rng(0)
+    hiddens = [rng.standard_normal((t, 16)).astype(np.float32) for t in (30, 30, 30, 41, 41, 7)]
+    codes = [np.zeros((len(h), 4), np.int32) for h in hiddens]
+    ref = [decode_utterance(plain, c, h) for c, h in zip(codes, hiddens)]
+    got: list = [None] * len(hiddens)
+    with Coalescer() as co:
+        routed = coalesced_models(plain, co)
+        release, holder = _hold(co)
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(
+            i, decode_utterance(routed, codes[i], hiddens[i]))) for i in range(len(hiddens))]
+        for t in threads:
+            t.start()
+        _wait_queued(co, len(hiddens))
+        release.set()
+        for t in threads + [holder]:
+            t.join()
+        stats = co.stats
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape and np.abs(g - r).max() <= TOL
+    assert stats.batched_calls >= 2 and stats.largest >= 3
