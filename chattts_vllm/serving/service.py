@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from chattts_vllm.audio.checkpoint import load_audio_models
+from chattts_vllm.audio.coalesce import Coalescer
 from chattts_vllm.gpt.requests import EnginePrompt, code_request
 from chattts_vllm.params import InferCodeParams, InvalidParamsError, RefineTextParams
 from chattts_vllm.serving.controls import InvalidInstructionsError, refine_prompt, speed_prompt
@@ -35,6 +36,21 @@ def audio_device() -> tuple[str, torch.dtype]:
     device = os.environ.get("CHATTTS_VLLM_AUDIO_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, os.environ.get("CHATTTS_VLLM_AUDIO_DTYPE", "float32"))
     return device, dtype
+
+
+def audio_coalesce(device: str) -> bool:
+    """CHATTTS_VLLM_AUDIO_COALESCE; default on for CUDA, where per-stream decodes are launch-bound."""
+    env = os.environ.get("CHATTTS_VLLM_AUDIO_COALESCE")
+    if env is None or env == "":
+        return torch.device(device).type == "cuda"
+    return env.strip().lower() not in ("0", "false", "no", "off")
+
+
+def audio_threads(coalesce: bool) -> int:
+    """CHATTTS_VLLM_AUDIO_THREADS; default 64 with coalescing (a stream's thread mostly waits on the
+    coalescer, holding no GIL, so many streams must be able to wait at once), else up to 4."""
+    default = 64 if coalesce else min(4, os.cpu_count() or 1)
+    return int(os.environ.get("CHATTTS_VLLM_AUDIO_THREADS", default))
 
 
 @dataclass
@@ -61,9 +77,11 @@ class SpeechService:
         except FileNotFoundError:
             self.stats = None
         device, dtype = audio_device()
-        threads = threads or int(os.environ.get("CHATTTS_VLLM_AUDIO_THREADS", min(4, os.cpu_count() or 1)))
+        coalescer = Coalescer() if audio_coalesce(device) else None
+        threads = threads or audio_threads(coalescer is not None)
         self.audio = AudioRunner(load_audio_models(model_dir, device, dtype),
-                                 ThreadPoolExecutor(threads, thread_name_prefix="chattts-audio"))
+                                 ThreadPoolExecutor(threads, thread_name_prefix="chattts-audio"),
+                                 coalescer=coalescer)
         self.stream_config = StreamConfig.from_env()
 
     @classmethod

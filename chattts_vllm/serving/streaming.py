@@ -20,13 +20,14 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from vllm.sampling_params import RequestOutputKind
 
 from chattts_vllm.audio.checkpoint import AudioModels
+from chattts_vllm.audio.coalesce import Coalescer, coalesced_models
 from chattts_vllm.gpt.requests import (EnginePrompt, num_frames, refine_request,
                                        refine_result_ids)
 from chattts_vllm.runners.outputs import FrameReader
@@ -91,11 +92,20 @@ class _Splice:
 
 @dataclass
 class AudioRunner:
-    """Audio models plus the thread pool that runs them off the event loop."""
+    """Audio models plus the thread pool that runs them off the event loop.
+
+    With a `coalescer`, the streams' decodes (`nets`) go through it: concurrent same-shape network
+    calls of many pool threads become one batched call on its worker (audio/coalesce.py)."""
 
     models: AudioModels
     executor: Executor
     use_decoder: bool = True
+    coalescer: Coalescer | None = None
+    nets: AudioModels = field(init=False)       # `models`, routed through the coalescer if any
+
+    def __post_init__(self) -> None:
+        self.nets = (self.models if self.coalescer is None
+                     else coalesced_models(self.models, self.coalescer))
 
     async def run(self, fn: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -210,7 +220,7 @@ class SpeechJob:
             cfg = replace(cfg, first_chunk_frames=self.first_chunk_frames)
         first = max(cfg.first_block, audio.lookahead)
         for i, u in enumerate(self.utterances):
-            dec, start, need = stream_decoder(audio.models, audio.use_decoder), 0, first
+            dec, start, need = stream_decoder(audio.nets, audio.use_decoder), 0, first
             splice = None
             if i == 0 and 0 < cfg.first_chunk_frames < first:
                 early = max(cfg.first_chunk_frames, MIN_FIRST_CHUNK_FRAMES)
@@ -262,7 +272,7 @@ class SpeechJob:
     def _decode(u: Utterance, n: int, audio: AudioRunner) -> np.ndarray:
         """Frames [0, n) decoded as a whole utterance: the right edge padded like an ending."""
         codes, hidden = u.read(0, n)
-        return decode_utterance(audio.models, codes, hidden, audio.use_decoder)
+        return decode_utterance(audio.nets, codes, hidden, audio.use_decoder)
 
     def close(self) -> None:
         for u in self.utterances:
