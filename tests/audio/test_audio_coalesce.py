@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 from audio_upstream import one_thread
+from streaming import stream
 
 from chattts_vllm.audio.checkpoint import (AudioModels, decoder_shapes, load_decoder, load_vocos,
                                            random_state_dict, vocos_shapes)
 from chattts_vllm.audio.coalesce import CoalescedNet, Coalescer, coalesced_models
-from chattts_vllm.audio.stream import StreamingDecoder
 from chattts_vllm.serving.pipeline import decode_utterance
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -29,19 +29,8 @@ def tiny_models():
     return dec, voc
 
 
-def _blocks(total: int, sizes: list[int]):
-    i, k = 0, 0
-    while i < total:
-        n = sizes[k % len(sizes)]
-        yield i, min(total, i + n)
-        i, k = i + n, k + 1
-
-
 def _stream(mel_model, vocos, frames: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    s = StreamingDecoder(mel_model, vocos)
-    parts = [s.push(frames[a:b]) for a, b in _blocks(frames.shape[0], sizes)]
-    parts.append(s.flush())
-    return torch.cat(parts)
+    return stream(mel_model, vocos, frames, sizes)[0]
 
 
 def _hold(co: Coalescer) -> tuple[threading.Event, threading.Thread]:

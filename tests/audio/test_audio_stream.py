@@ -9,21 +9,7 @@ from audio_upstream import one_thread, state_dicts
 from chattts_vllm.audio.checkpoint import (decoder_shapes, load_decoder, load_dvae, load_vocos,
                                            random_state_dict, vocos_shapes)
 from chattts_vllm.audio.stream import StreamingDecoder
-
-
-def _blocks(total: int, sizes: list[int]):
-    i, k = 0, 0
-    while i < total:
-        n = sizes[k % len(sizes)]
-        yield i, min(total, i + n)
-        i, k = i + n, k + 1
-
-
-def _stream(mel_model, vocos, frames: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, StreamingDecoder]:
-    s = StreamingDecoder(mel_model, vocos)
-    parts = [s.push(frames[a:b]) for a, b in _blocks(frames.shape[0], sizes)]
-    parts.append(s.flush())
-    return torch.cat(parts), s
+from streaming import stream as _stream
 
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
