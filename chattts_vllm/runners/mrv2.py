@@ -100,17 +100,17 @@ class ChatTTSModelState(DefaultModelState):
             return
         prompt_len = len(new_req_data.prompt_token_ids or [])
         temps = (req.temperature * NUM_VQ)[:NUM_VQ] if len(req.temperature) == 1 else req.temperature
-        self.temperature[slot] = self._upload(torch.tensor(temps, dtype=torch.float32))
+        self.temperature[slot] = self.upload(torch.tensor(temps, dtype=torch.float32))
         self.top_p[slot], self.top_k[slot] = req.top_p, req.top_k
         self.penalty[slot], self.min_new[slot], self.seed[slot] = (
             req.repetition_penalty, req.min_new_token, req.seed)
         self.text_len[slot], self.prompt_len[slot] = req.text_len, prompt_len
         self.spk_pos[slot] = req.spk_position if req.speaker is not None else -1
         if req.speaker is not None:
-            self.spk_vec[slot] = self._upload(torch.tensor(req.speaker, dtype=torch.float32))
+            self.spk_vec[slot] = self.upload(torch.tensor(req.speaker, dtype=torch.float32))
         if req.prompt_codes:
             pc = torch.tensor(req.prompt_codes, dtype=torch.int32)
-            self.codes[slot, req.text_len:req.text_len + len(pc)] = self._upload(pc)
+            self.codes[slot, req.text_len:req.text_len + len(pc)] = self.upload(pc)
         parked = self.parked.pop(new_req_data.req_id, None)
         resumed = len(new_req_data.prefill_token_ids or []) - prompt_len
         if parked is not None:
@@ -119,7 +119,7 @@ class ChatTTSModelState(DefaultModelState):
             logger.warning("chattts: request %s resumed without its frame history; codes 1-3 of "
                            "its first %d frames are lost", new_req_data.req_id, resumed)
 
-    def _upload(self, host: torch.Tensor) -> torch.Tensor:
+    def upload(self, host: torch.Tensor) -> torch.Tensor:
         """Host values to the GPU without a stream sync: a copy from pageable memory waits for
         the stream, which would stall async scheduling at every request arrival. Pinned staging
         comes from torch's caching host allocator, which keeps it alive until the copy is done."""
@@ -179,7 +179,7 @@ class ChatTTSModelState(DefaultModelState):
             return LogitsLayout("text")
         if code.all():
             return LogitsLayout("code", narrow=True)
-        return LogitsLayout("mixed", torch.from_numpy(code))
+        return LogitsLayout("mixed", self.upload(torch.from_numpy(code)))
 
     def logits_layout(self, num_rows: int) -> LogitsLayout:
         rows = self.layout.code_rows
@@ -274,5 +274,5 @@ class ChatTTSSampler:
                       repetition_penalty=st.penalty[slot], mask_eos=step < st.min_new[slot],
                       seed=st.seed[slot], counter=step, stream=torch.zeros_like(step))
         refined = sample(text, hist, p, EBREAK_ID)
-        chattts = torch.from_numpy(st.is_chattts_np[slots_np]).to(logits.device)
+        chattts = st.upload(torch.from_numpy(st.is_chattts_np[slots_np]))
         return torch.where(chattts, refined, greedy)
