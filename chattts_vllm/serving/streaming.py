@@ -42,11 +42,12 @@ LATE_CLEANUP_S = (2.0, 10.0, 60.0)
 class StreamConfig:
     """Frames per decoder push. The first push waits for at least the decoders' lookahead.
 
-    `first_chunk_frames` > 0 switches on the low-latency first chunk: once that many frames of the
-    first sentence exist (and fewer than the lookahead), they are decoded at once as if the
-    utterance ended there, and most of that audio is sent right away. Everything after the first
-    chunk (and a short crossfade) is the exact stream again. 0 (the default) keeps the whole stream
-    equal to the one-shot decode.
+    `first_chunk_frames` F > 0 (below the lookahead) switches on the low-latency first chunk: once
+    F frames of the first sentence exist, exactly those F are decoded as if the utterance ended
+    there, and most of that audio is sent right away. Everything after the first chunk (and a
+    short crossfade) is the exact stream again, so the whole stream is a function of the request
+    alone, as the exact one is. A sentence shorter than F frames streams exactly. 0 (the default)
+    keeps the whole stream equal to the one-shot decode.
     """
 
     first_block: int = 24
@@ -223,11 +224,13 @@ class SpeechJob:
             dec, start, need = stream_decoder(audio.nets, audio.use_decoder), 0, first
             splice = None
             if i == 0 and 0 < cfg.first_chunk_frames < first:
-                early = max(cfg.first_chunk_frames, MIN_FIRST_CHUNK_FRAMES)
+                # Exactly `early` frames, however many exist by now: the first chunk (and the
+                # crossfade into the exact stream) then depends only on the request, never on how
+                # far the engine got before this task woke up, and same-step streams share a shape.
+                n = early = max(cfg.first_chunk_frames, MIN_FIRST_CHUNK_FRAMES)
                 await u.wait(early)
                 u.check()
-                n = u.frames
-                if not u.done and early <= n < first:
+                if u.frames >= early:
                     wav = await audio.run(self._decode, u, n, audio)
                     cut = SAMPLES_PER_FRAME * (n - HOLD_BACK_FRAMES)
                     splice = _Splice(cut, wav[cut:cut + CROSSFADE])
