@@ -147,6 +147,7 @@ class Utterance:
         self.done = False
         self.error: BaseException | None = None
         self._changed = asyncio.Event()
+        self._want = 0              # frames the reader waits for: no wake-up per frame before that
         self.task = asyncio.create_task(self._follow(engine, ep, request_id))
 
     async def _follow(self, engine, ep: EnginePrompt, request_id: str) -> None:
@@ -154,7 +155,8 @@ class Utterance:
             async for out in engine.generate(ep.prompt, ep.sampling_params, request_id):
                 self.token_ids = out.outputs[0].token_ids
                 self.frames = num_frames(self.token_ids)
-                self._changed.set()
+                if self.frames >= self._want:
+                    self._changed.set()
         except Exception as e:  # surfaced to the reader; cancellation propagates
             self.error = e
         finally:
@@ -162,11 +164,13 @@ class Utterance:
             self._changed.set()
 
     async def wait(self, frames: int) -> None:
-        """Until `frames` frames exist or the request has ended."""
+        """Until `frames` frames exist or the request has ended (woken once, not per frame:
+        with 64 streams that is 64 fewer event-loop wake-ups per engine step)."""
         while True:
             self._changed.clear()
             if self.done or self.frames >= frames:
                 return
+            self._want = frames
             await self._changed.wait()
 
     def check(self) -> None:

@@ -142,3 +142,42 @@ def test_whole_file_jobs_ask_the_engine_for_the_final_output_only(tmp_path, monk
     assert kind == RequestOutputKind.CUMULATIVE          # the caller's params are not modified
     asyncio.run(go(False))
     assert seen[-1] == RequestOutputKind.CUMULATIVE
+
+
+def test_stream_reader_wakes_once_per_wait_not_per_frame(tmp_path, monkeypatch):
+    """A streaming reader waiting for frame 40 of 60 is woken when 40 exist (and at the end),
+    not on each of the 40 engine outputs before that: the event loop cost of N streams."""
+    import asyncio
+
+    from vllm import SamplingParams
+
+    from chattts_vllm.gpt.requests import EnginePrompt
+    from chattts_vllm.serving.streaming import Utterance
+
+    monkeypatch.setenv("CHATTTS_VLLM_FRAME_DIR", str(tmp_path))
+
+    class Engine:
+        async def generate(self, prompt, sampling_params, request_id):
+            for n in range(1, 61):
+                await asyncio.sleep(0)
+                yield type("Out", (), {"outputs": [type("C", (), {"token_ids": list(range(n))})()]})()
+
+    class CountingEvent(asyncio.Event):
+        sets = 0
+
+        def set(self) -> None:
+            CountingEvent.sets += 1
+            super().set()
+
+    async def go():
+        u = Utterance(Engine(), EnginePrompt({"prompt_token_ids": [1]}, SamplingParams(max_tokens=64),
+                                             "abcdefgh12"), "r")
+        u._changed = CountingEvent()
+        await u.wait(40)
+        frames, sets = u.frames, CountingEvent.sets
+        await u.task
+        u.close()
+        return frames, sets
+
+    frames, sets = asyncio.run(go())
+    assert frames >= 40 and sets <= 2
