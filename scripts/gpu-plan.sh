@@ -9,7 +9,11 @@
 #                                       # card 1: GPU tests (kernels, audio, glue, MRv2), then
 #                                       #         the host profile of ChatTTS and stock
 #   bash scripts/gpu-plan.sh scale      # card 0: serving TTFA, coalesced audio vs per-stream (~9 min)
-#                                       # card 1: several engines per GPU (2, 3), bf16 and fp8 KV
+#                                       # card 1: several engines per GPU (2, 3), bf16 KV
+#   bash scripts/gpu-plan.sh extra      # card 0: engines with an fp8 KV cache (1, 2)         (~5 min)
+#                                       # card 1: serving TTFA, engine core in the server process
+#                                       #         with coalesced audio (one CUDA context, no
+#                                       #         time-slicing between engine and audio)
 #   bash scripts/gpu-plan.sh ray        # both cards: Ray Serve 1 -> 2 replicas               (~5 min)
 set -u
 cd "$(dirname "$0")/.."
@@ -49,16 +53,23 @@ case "${1:-}" in
       CHATTTS_VLLM_AUDIO_COALESCE=0 SERVING_TIMEOUT=250 OUT=$W bash scripts/gpu-check.sh serving \
         --first-chunk-frames 0 12 --tag per-stream > /dev/null 2>&1 ) &
     ( export CUDA_VISIBLE_DEVICES=1
-      timeout 260 $py benchmarks/bench_throughput.py --engines 2 3 --batches 512 --skip-stock --time-limit 250 \
-        > $W/engines.log 2>&1; echo "engines rc $?" >> $W/engines.log
-      timeout 250 $py benchmarks/bench_throughput.py --engines 1 2 --batches 512 --kv-cache-dtype fp8 --skip-stock \
-        --time-limit 240 > $W/engines-fp8.log 2>&1; echo "engines fp8 rc $?" >> $W/engines-fp8.log ) &
+      timeout 500 $py benchmarks/bench_throughput.py --engines 2 3 --batches 512 --skip-stock --time-limit 490 \
+        > $W/engines.log 2>&1; echo "engines rc $?" >> $W/engines.log ) &
     wait
     for f in $W/bench-serving*.log; do quiet "$f" | grep -A7 "mode  conc"; done
     grep -h "round\|best\|rc " $W/engines*.log ;;
+  extra)
+    ( export CUDA_VISIBLE_DEVICES=0
+      timeout 400 $py benchmarks/bench_throughput.py --engines 1 2 --batches 512 --kv-cache-dtype fp8 --skip-stock \
+        --time-limit 390 > $W/engines-fp8.log 2>&1; echo "engines fp8 rc $?" >> $W/engines-fp8.log ) &
+    ( export CUDA_VISIBLE_DEVICES=1
+      SERVE_INPROC=1 SERVING_TIMEOUT=300 OUT=$W bash scripts/gpu-check.sh serving --first-chunk-frames 0 12 \
+        --tag inproc-coalesced > /dev/null 2>&1 ) &
+    wait
+    quiet $W/bench-serving.log | grep -A7 "mode  conc"; grep -h "round\|best\|rc " $W/engines-fp8.log ;;
   ray)
     RAY_TIMEOUT=420 OUT=$W bash scripts/gpu-check.sh ray | tail -8 ;;
-  *) echo "usage: $0 build|check|scale|ray"; exit 2 ;;
+  *) echo "usage: $0 build|check|scale|extra|ray"; exit 2 ;;
 esac
 find benchmarks/results -maxdepth 1 -newer "$stamp" \( -name '*.json' -o -name '*.png' \) -exec cp -f {} $W/ \;
 rm -f "$stamp"
