@@ -9,7 +9,9 @@ network calls have the same shapes and can share one launch sequence on a batch.
 future; the worker takes the first queued job (blocking), then drains whatever else is queued at
 that moment (no waiting window, so a lone call pays no extra latency), groups the jobs by
 (fn, x.shape[1:], dtype, device, static args), runs each group as one `fn(torch.cat(xs))` and hands
-each caller its rows. An exception in a group reaches every caller of that group; the worker lives on.
+each caller its rows. A batched call that raises is re-run job by job, so only the callers whose
+own input fails get the exception (one bad stream, or a batch too big for memory, fails no other
+stream); groups are split so that no call's inputs exceed `max_elements`; the worker lives on.
 Callers blocked on a future hold no GIL, so the worker launches without contention.
 
 `CoalescedNet` wraps a model so that `decode_frames` / `spectrum` go through a coalescer while every
@@ -53,12 +55,17 @@ class CoalesceStats:
     largest: int = 0            # most jobs in one call
     drains: int = 0             # times the worker emptied the queue
     widest: int = 0             # most groups (distinct keys) in one drain
+    retried_batches: int = 0    # batched calls that failed and were re-run job by job
 
 
 class Coalescer:
     """Batches calls to network functions across threads (see the module docstring)."""
 
-    def __init__(self, name: str = "chattts-audio-coalesce"):
+    def __init__(self, name: str = "chattts-audio-coalesce", max_elements: int = 64 * 1024 * 768):
+        """`max_elements`: inputs of one batched call hold at most this many elements (default:
+        64 utterances of 1,024 frames of hidden states); a larger group runs in several calls, so
+        batching never needs much more memory than the largest single call."""
+        self.max_elements = max_elements
         self.stats = CoalesceStats()
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
@@ -133,25 +140,43 @@ class Coalescer:
         self.stats.jobs += len(jobs)
         with torch.inference_mode():
             for group in groups.values():
-                self._run_group(group)
+                live = [j for j in group if j.future.set_running_or_notify_cancel()]
+                for batch in self._batches(live):
+                    self._run_batch(batch)
 
-    def _run_group(self, group: list[_Job]) -> None:
-        live = [j for j in group if j.future.set_running_or_notify_cancel()]
-        if not live:
-            return
+    def _batches(self, jobs: list[_Job]) -> list[list[_Job]]:
+        """Consecutive runs of `jobs` whose inputs fit `max_elements` (at least one job each)."""
+        out: list[list[_Job]] = []
+        size = 0
+        for job in jobs:
+            if out and size + job.x.numel() <= self.max_elements:
+                out[-1].append(job)
+                size += job.x.numel()
+            else:
+                out.append([job])
+                size = job.x.numel()
+        return out
+
+    def _run_batch(self, batch: list[_Job]) -> None:
         self.stats.calls += 1
-        self.stats.batched_calls += len(live) > 1
-        self.stats.largest = max(self.stats.largest, len(live))
+        self.stats.batched_calls += len(batch) > 1
+        self.stats.largest = max(self.stats.largest, len(batch))
         try:
-            xs = [j.x for j in live]
+            xs = [j.x for j in batch]
             x = xs[0] if len(xs) == 1 else torch.cat(xs, 0)
-            out = live[0].fn(x, *live[0].static)
-            parts = [out] if len(live) == 1 else out.split([t.shape[0] for t in xs], 0)
-        except BaseException as e:     # noqa: BLE001 - every caller of the group gets it
-            for j in live:
-                j.future.set_exception(e)
+            out = batch[0].fn(x, *batch[0].static)
+            parts = [out] if len(batch) == 1 else out.split([t.shape[0] for t in xs], 0)
+        except BaseException as e:     # noqa: BLE001 - reported to the callers, never lost
+            if len(batch) == 1:
+                batch[0].future.set_exception(e)
+            else:
+                # One bad input (or a batch too large for memory) must not fail the other
+                # streams: each job runs alone, and only those that fail alone get an error.
+                self.stats.retried_batches += 1
+                for j in batch:
+                    self._run_batch([j])
             return
-        for j, part in zip(live, parts):
+        for j, part in zip(batch, parts):
             j.future.set_result(part)
 
 

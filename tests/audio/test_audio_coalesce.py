@@ -105,36 +105,58 @@ def test_many_threads_stream_equal_to_alone(tiny_models):
     assert stats.largest >= 4 and stats.widest >= 3     # three first-push sizes: three mel shapes
 
 
-def test_error_reaches_every_caller_of_its_group_and_worker_survives():
+def _queue_behind_hold(co: Coalescer, net, xs: list[torch.Tensor]) -> list:
+    """Runs `co.call(net, x)` for every x from its own thread, all queued in one drain."""
+    out: list = [None] * len(xs)
+
+    def run(i: int) -> None:
+        try:
+            out[i] = co.call(net, xs[i])
+        except ValueError as e:
+            out[i] = e
+
+    release, holder = _hold(co)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    _wait_queued(co, len(xs))
+    release.set()
+    for t in threads + [holder]:
+        t.join()
+    return out
+
+
+def test_a_failing_input_fails_only_its_own_caller_and_worker_survives():
     def net(x: torch.Tensor) -> torch.Tensor:
         if bool((x < 0).any()):
             raise ValueError("negative input")
         return 2 * x
 
     with Coalescer() as co:
-        release, holder = _hold(co)
         xs = [torch.full((1, 3), float(v)) for v in (1, -1, 2)] + [torch.full((1, 5), 3.0)]
-        out: list = [None] * len(xs)
-
-        def run(i: int) -> None:
-            try:
-                out[i] = co.call(net, xs[i])
-            except ValueError as e:
-                out[i] = e
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(xs))]
-        for t in threads:
-            t.start()
-        _wait_queued(co, len(xs))
-        release.set()
-        for t in threads + [holder]:
-            t.join()
-        # The (3,)-wide group failed as a whole; the (5,)-wide group in the same drain did not.
-        assert all(isinstance(out[i], ValueError) for i in range(3))
-        assert torch.equal(out[3], 2 * xs[3])
-        assert co.stats.batched_calls == 1 and co.stats.largest == 3
+        out = _queue_behind_hold(co, net, xs)
+        # The (3,)-wide batch failed and was re-run job by job: only the negative input errs.
+        assert isinstance(out[1], ValueError)
+        for i in (0, 2, 3):
+            assert torch.equal(out[i], 2 * xs[i])
+        assert co.stats.retried_batches == 1 and co.stats.largest == 3
         # The worker is alive and serves later calls.
         assert torch.equal(co.call(net, torch.ones(2, 3)), 2 * torch.ones(2, 3))
+
+
+def test_batches_are_capped_in_elements():
+    """A group larger than `max_elements` runs in several calls, each within the cap."""
+    sizes: list[int] = []
+
+    def net(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(x.numel())
+        return x + 1
+
+    with Coalescer(max_elements=40) as co:
+        xs = [torch.full((1, 10), float(i)) for i in range(9)]
+        out = _queue_behind_hold(co, net, xs)
+    assert all(torch.equal(o, x + 1) for o, x in zip(out, xs))
+    assert sizes == [40, 40, 10]
 
 
 def test_closed_coalescer_refuses_calls():
