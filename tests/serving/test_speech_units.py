@@ -181,3 +181,20 @@ def test_stream_reader_wakes_once_per_wait_not_per_frame(tmp_path, monkeypatch):
 
     frames, sets = asyncio.run(go())
     assert frames >= 40 and sets <= 2
+
+
+def test_server_audio_defaults_to_bf16_on_the_gpu(monkeypatch):
+    """GPU: bf16 (tensor cores); CPU: float32; CHATTTS_VLLM_AUDIO_DTYPE overrides either."""
+    import torch
+
+    from chattts_vllm.serving import service
+
+    monkeypatch.delenv("CHATTTS_VLLM_AUDIO_DEVICE", raising=False)
+    monkeypatch.delenv("CHATTTS_VLLM_AUDIO_DTYPE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert service.audio_device() == ("cuda", torch.bfloat16)
+    monkeypatch.setenv("CHATTTS_VLLM_AUDIO_DTYPE", "float32")
+    assert service.audio_device() == ("cuda", torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("CHATTTS_VLLM_AUDIO_DTYPE")
+    assert service.audio_device() == ("cpu", torch.float32)
