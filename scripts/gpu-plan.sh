@@ -10,7 +10,8 @@
 #                                       #         the host profile of ChatTTS and stock
 #   bash scripts/gpu-plan.sh scale      # card 0: serving TTFA, coalesced audio vs per-stream (~9 min)
 #                                       # card 1: several engines per GPU (2, 3), bf16 KV
-#   bash scripts/gpu-plan.sh extra      # card 0: engines with an fp8 KV cache (1, 2)         (~5 min)
+#   bash scripts/gpu-plan.sh extra      # card 0: engines with an fp8 KV cache (1, 2), then   (~9 min)
+#                                       #         the GPU server test (tests/gpu/test_serve_gpu.py)
 #                                       # card 1: serving TTFA, engine core in the server process
 #                                       #         with coalesced audio (one CUDA context, no
 #                                       #         time-slicing between engine and audio)
@@ -60,8 +61,10 @@ case "${1:-}" in
     grep -h "round\|best\|rc " $W/engines*.log ;;
   extra)
     ( export CUDA_VISIBLE_DEVICES=0
-      timeout 400 $py benchmarks/bench_throughput.py --engines 1 2 --batches 512 --kv-cache-dtype fp8 --skip-stock \
-        --time-limit 390 > $W/engines-fp8.log 2>&1; echo "engines fp8 rc $?" >> $W/engines-fp8.log ) &
+      timeout 340 $py benchmarks/bench_throughput.py --engines 1 2 --batches 512 --kv-cache-dtype fp8 --skip-stock \
+        --time-limit 330 > $W/engines-fp8.log 2>&1; echo "engines fp8 rc $?" >> $W/engines-fp8.log
+      timeout 200 $py -m pytest -q -m gpu tests/gpu/test_serve_gpu.py > $W/pytest-serve.log 2>&1
+      echo "pytest serve rc $?" >> $W/pytest-serve.log ) &
     ( export CUDA_VISIBLE_DEVICES=1
       SERVE_INPROC=1 SERVING_TIMEOUT=300 OUT=$W bash scripts/gpu-check.sh serving --first-chunk-frames 0 12 \
         --tag inproc-coalesced > /dev/null 2>&1 ) &
