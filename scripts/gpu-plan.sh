@@ -69,7 +69,8 @@ case "${1:-}" in
       SERVE_INPROC=1 SERVING_TIMEOUT=300 OUT=$W bash scripts/gpu-check.sh serving --first-chunk-frames 0 12 \
         --tag inproc-coalesced > /dev/null 2>&1 ) &
     wait
-    quiet $W/bench-serving.log | grep -A7 "mode  conc"; grep -h "round\|best\|rc " $W/engines-fp8.log ;;
+    quiet $W/bench-serving.log | grep -A7 "mode  conc"; grep -h "round\|best\|rc " $W/engines-fp8.log
+    tail -2 $W/pytest-serve.log ;;
   ray)
     RAY_TIMEOUT=420 OUT=$W bash scripts/gpu-check.sh ray | tail -8 ;;
   *) echo "usage: $0 build|check|scale|extra|ray"; exit 2 ;;
