@@ -47,7 +47,6 @@ def main() -> None:
     p.add_argument("--cprofile", action="store_true", help="also run under cProfile")
     args = p.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    import torch
 
     tmp = Path(tempfile.mkdtemp())
     b, frames = args.batch, args.frames
