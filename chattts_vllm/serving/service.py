@@ -18,6 +18,7 @@ from chattts_vllm.audio.checkpoint import load_audio_models
 from chattts_vllm.audio.coalesce import Coalescer
 from chattts_vllm.gpt.requests import EnginePrompt, code_request
 from chattts_vllm.params import InferCodeParams, InvalidParamsError, RefineTextParams
+from chattts_vllm.serving import metrics
 from chattts_vllm.serving.controls import InvalidInstructionsError, refine_prompt, speed_prompt
 from chattts_vllm.serving.pipeline import SpeechPlan, split_text
 from chattts_vllm.serving.protocol import SpeechError, SpeechRequest
@@ -82,6 +83,8 @@ class SpeechService:
             self.stats = None
         device, dtype = audio_device()
         coalescer = Coalescer() if audio_coalesce(device) else None
+        if coalescer is not None:
+            metrics.COALESCERS.add(coalescer)
         threads = threads or audio_threads(coalescer is not None)
         self.audio = AudioRunner(load_audio_models(model_dir, device, dtype),
                                  ThreadPoolExecutor(threads, thread_name_prefix="chattts-audio"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -26,9 +27,12 @@ from vllm.logger import init_logger
 
 from chattts_vllm import ARCHITECTURE
 from chattts_vllm.audio.formats import MEDIA_TYPES, StreamEncoder, encode_audio
+from chattts_vllm.serving import metrics
 from chattts_vllm.serving.protocol import SpeechError, SpeechRequest, parse_speech_request
 from chattts_vllm.serving.service import Prepared, SpeechService
 from chattts_vllm.text.speaker import VOICES
+
+SAMPLE_RATE = 24000
 
 logger = init_logger(__name__)
 STATE_KEY = "chattts_speech"
@@ -67,14 +71,20 @@ class ClosingStream(StreamingResponse):
 
 
 async def encoded_stream(service: SpeechService, prepared: Prepared, req: SpeechRequest,
-                         sse: bool) -> AsyncIterator[bytes]:
-    """Audio bytes (or SSE events) as the sentences are decoded. Cleanup is synchronous."""
+                         sse: bool, t0: float | None = None) -> AsyncIterator[bytes]:
+    """Audio bytes (or SSE events) as the sentences are decoded. Cleanup is synchronous.
+
+    `t0` (perf_counter at the request's start) feeds the time-to-first-audio metric."""
     job = service.start(prepared)
     audio, enc = service.audio, StreamEncoder(req.response_format)
     event = (lambda b: b"data: " + json.dumps({"type": "speech.audio.delta", "audio":
              base64.b64encode(b).decode()}).encode() + b"\n\n") if sse else (lambda b: b)
+    samples, outcome = 0, "error"
     try:
         async for wav in job.stream(audio, service.stream_config):
+            if samples == 0 and wav.size and t0 is not None:
+                metrics.TTFA.observe(time.perf_counter() - t0)
+            samples += wav.size
             if data := await audio.run(enc.write, wav):
                 yield event(data)
         if data := await audio.run(enc.close):
@@ -82,6 +92,7 @@ async def encoded_stream(service: SpeechService, prepared: Prepared, req: Speech
         if sse:
             done = {"type": "speech.audio.done", "usage": job.usage()}
             yield b"data: " + json.dumps(done).encode() + b"\n\n"
+        outcome = "ok"
     except Exception as e:
         logger.exception("speech request %s failed mid-stream", prepared.request_id)
         if not sse:
@@ -89,40 +100,50 @@ async def encoded_stream(service: SpeechService, prepared: Prepared, req: Speech
         yield b"data: " + json.dumps({"type": "error", **server_error(e).body()}).encode() + b"\n\n"
     finally:
         job.close()
+        metrics.AUDIO_SECONDS.labels(stream="true").inc(samples / SAMPLE_RATE)
+        metrics.REQUESTS.labels(stream="true", outcome=outcome).inc()
 
 
 @with_cancellation
-async def _respond(service: SpeechService, req: SpeechRequest, raw_request: Request) -> Response:
+async def _respond(service: SpeechService, req: SpeechRequest, raw_request: Request,
+                   t0: float | None = None) -> Response:
+    stream = "true" if req.stream_format is not None else "false"
     try:
         prepared = await service.prepare(req, f"speech-{uuid.uuid4().hex}")
     except SpeechError as e:
+        metrics.REQUESTS.labels(stream=stream, outcome="invalid").inc()
         return _error(e)
     if req.stream_format is not None:
         sse = req.stream_format == "sse"
         media = "text/event-stream" if sse else MEDIA_TYPES[req.response_format]
-        return ClosingStream(encoded_stream(service, prepared, req, sse), media_type=media)
+        return ClosingStream(encoded_stream(service, prepared, req, sse, t0), media_type=media)
     job = service.start(prepared, whole=True)
     try:
         wav = await job.waveform(service.audio)
         data = await service.audio.run(encode_audio, wav, req.response_format)
     except Exception as e:
         logger.exception("speech request %s failed", prepared.request_id)
+        metrics.REQUESTS.labels(stream=stream, outcome="error").inc()
         return _error(server_error(e))
     finally:
         job.close()
+    metrics.REQUESTS.labels(stream=stream, outcome="ok").inc()
+    metrics.AUDIO_SECONDS.labels(stream=stream).inc(wav.size / SAMPLE_RATE)
     return Response(data, media_type=MEDIA_TYPES[req.response_format],
                     headers={"X-Audio-Frames": str(job.frames)})
 
 
 @router.post("/v1/audio/speech")
 async def create_speech(raw_request: Request) -> Response:
+    t0 = time.perf_counter()
     try:
         service = _service(raw_request)
         req = parse_speech_request(await raw_request.body(), service.served_models)
     except SpeechError as e:
+        metrics.REQUESTS.labels(stream="unknown", outcome="invalid").inc()
         return _error(e)
     # The body is read: from here on a disconnect cancels the work (and aborts engine requests).
-    return await _respond(service=service, req=req, raw_request=raw_request)
+    return await _respond(service=service, req=req, raw_request=raw_request, t0=t0)
 
 
 @router.get("/v1/audio/voices")

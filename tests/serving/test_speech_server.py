@@ -188,3 +188,23 @@ def test_instructions_run_the_refine_pass_and_speed_is_accepted(server):
     # The refine pass's tokens count in total_tokens on top of the code pass.
     usage = done["usage"]
     assert usage["total_tokens"] > usage["input_tokens"] + usage["output_tokens"]
+
+
+def test_speech_metrics_on_the_metrics_endpoint(server):
+    """/metrics carries the endpoint's own series next to vLLM's: requests by outcome, audio
+    seconds, and the streamed time to first audio."""
+    ok_before = server.metric('chattts_speech_requests_total{outcome="ok",stream="true"}')
+    bad_before = server.metric("chattts_speech_requests_total")
+    ttfa_before = server.metric("chattts_speech_time_to_first_audio_seconds_count")
+    audio_before = server.metric("chattts_speech_audio_seconds_total")
+    with requests.post(f"{server.url}/v1/audio/speech", json={"model": MODEL, "input": TEXT,
+                       "response_format": "pcm", "stream_format": "audio", **FIXED},
+                       stream=True, timeout=300) as r:
+        assert r.status_code == 200
+        pcm = b"".join(r.iter_content(None))
+    assert server.speech(input="", voice="alloy").status_code == 400
+    assert server.metric("chattts_speech_time_to_first_audio_seconds_count") == ttfa_before + 1
+    assert server.metric("chattts_speech_audio_seconds_total") - audio_before == \
+        pytest.approx(len(pcm) / 2 / SR, rel=1e-6)
+    assert server.metric("chattts_speech_requests_total") >= bad_before + 2
+    assert server.metric('chattts_speech_requests_total{outcome="ok",stream="true"}') == ok_before + 1

@@ -198,3 +198,23 @@ def test_server_audio_defaults_to_bf16_on_the_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("CHATTTS_VLLM_AUDIO_DTYPE")
     assert service.audio_device() == ("cpu", torch.float32)
+
+
+def test_coalescer_metrics_are_read_at_scrape_time():
+    import torch
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from chattts_vllm.audio.coalesce import Coalescer
+    from chattts_vllm.serving.metrics import CoalescerCollector
+
+    collector, registry = CoalescerCollector(), CollectorRegistry()
+    registry.register(collector)
+    assert b"chattts_audio_coalesce" not in generate_latest(registry)     # none live: no series
+    with Coalescer() as co:
+        collector.add(co)
+        co.call(lambda x: x + 1, torch.zeros(2, 3))
+        co.call(lambda x: x + 1, torch.zeros(1, 3))
+        text = generate_latest(registry).decode()
+    assert "chattts_audio_coalesce_jobs_total 2.0" in text
+    assert "chattts_audio_coalesce_calls_total 2.0" in text
+    assert "chattts_audio_coalesce_largest_batch 1.0" in text
