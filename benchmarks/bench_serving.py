@@ -108,6 +108,37 @@ async def run_level(url: str, body: dict, concurrency: int, rounds: int, bar: tq
                 audio_s_per_s=audio / wall, audio_s_total=audio, wall_s=wall)
 
 
+SERVER_SERIES = ("chattts_audio_coalesce_jobs_total", "chattts_audio_coalesce_calls_total",
+                 "chattts_speech_time_to_first_audio_seconds_sum",
+                 "chattts_speech_time_to_first_audio_seconds_count")
+
+
+def server_series(url: str) -> dict[str, float]:
+    """The server's own counters (its /metrics), to difference around a level; {} if unreadable."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    out = dict.fromkeys(SERVER_SERIES, 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in out:
+            out[name] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def server_view(before: dict, after: dict) -> dict:
+    """Per level: the server-side mean time to first audio, and stream jobs per audio call (about
+    the number of streams when the server's coalesced audio decode really batches; 1 when not)."""
+    if not before or not after:
+        return {}
+    d = {k: after[k] - before[k] for k in SERVER_SERIES}
+    ttfa_n, calls = d["chattts_speech_time_to_first_audio_seconds_count"], d["chattts_audio_coalesce_calls_total"]
+    return dict(
+        server_ttfa_mean_ms=1e3 * d["chattts_speech_time_to_first_audio_seconds_sum"] / ttfa_n if ttfa_n else None,
+        audio_jobs_per_call=d["chattts_audio_coalesce_jobs_total"] / calls if calls else None)
+
+
 def _mode(f: int) -> str:
     return "exact" if not f else f"first chunk {f} frames"
 
@@ -229,7 +260,9 @@ def main() -> None:
                         "ttfa = first audio byte; rtf = request wall time / its audio seconds; stall = "
                         "time a client playing from its first byte would wait for late bytes; "
                         "audio_s_per_s = all audio seconds / level wall time; first_chunk_frames 0 = "
-                        "exact stream, F = low-latency first chunk after F frames")
+                        "exact stream, F = low-latency first chunk after F frames; server_ttfa_mean_ms "
+                        "and audio_jobs_per_call come from the server's /metrics (the coalesced audio "
+                        "decode: jobs per batched call)")
     (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     try:
         plot(rows, f"ChatTTS /v1/audio/speech on {card} ({date})", args.out_dir / f"{stem}.png")
@@ -237,12 +270,12 @@ def main() -> None:
         print("matplotlib not installed: no plot")
 
     print(f"\n{'mode':>8} {'conc':>5} {'reqs':>5} {'err':>4} {'ttfa p50':>9} {'ttfa p95':>9} "
-          f"{'stall p95':>9} {'rtf p50':>8} {'audio s/s':>10}")
+          f"{'stall p95':>9} {'rtf p50':>8} {'audio s/s':>10} {'jobs/call':>9}")
     for r in rows:
         print(f"{'exact' if not r['first_chunk_frames'] else 'F=' + str(r['first_chunk_frames']):>8} "
               f"{r['concurrency']:>5} {r['requests']:>5} {r['errors']:>4} {r['ttfa_p50_ms'] or 0:>7.0f}ms "
               f"{r['ttfa_p95_ms'] or 0:>7.0f}ms {r['stall_p95_ms'] or 0:>7.0f}ms {r['rtf_p50'] or 0:>8.3f} "
-              f"{r['audio_s_per_s']:>10.2f}")
+              f"{r['audio_s_per_s']:>10.2f} {r.get('audio_jobs_per_call') or 0:>9.1f}")
     print(f"wrote {args.out_dir / stem}.json (+ .png)")
 
 
@@ -260,7 +293,9 @@ def bench(url: str, args) -> tuple[list[dict], str, dict]:
     with tqdm(total=total, unit="req", desc="bench_serving") as bar:
         for c in args.concurrency:
             for m in modes:
+                before = server_series(url)
                 rows.append(asyncio.run(run_level(url, {**body, **m}, c, args.rounds, bar)))
+                rows[-1].update(server_view(before, server_series(url)))
                 bar.set_postfix(c=c, f=rows[-1]["first_chunk_frames"],
                                 ttfa_p50=f"{rows[-1]['ttfa_p50_ms'] or 0:.0f}ms")
     return rows, model, body

@@ -27,3 +27,5 @@ def test_bench_serving_smoke(server, tmp_path):
     for row in data["rows"]:
         assert row["errors"] == 0 and row["ttfa_p50_ms"] > 0 and row["ttfa_p99_ms"] >= row["ttfa_p50_ms"]
         assert row["audio_s_per_s"] > 0
+        # the server's own view of the level, from its /metrics (no coalescer on the CPU)
+        assert 0 < row["server_ttfa_mean_ms"] and row["audio_jobs_per_call"] is None
