@@ -231,15 +231,15 @@ class SpeechJob:
                 # Exactly `early` frames, however many exist by now: the first chunk (and the
                 # crossfade into the exact stream) then depends only on the request, never on how
                 # far the engine got before this task woke up, and same-step streams share a shape.
-                n = early = max(cfg.first_chunk_frames, MIN_FIRST_CHUNK_FRAMES)
+                early = max(cfg.first_chunk_frames, MIN_FIRST_CHUNK_FRAMES)
                 await u.wait(early)
                 u.check()
                 if u.frames >= early:
-                    wav = await audio.run(self._decode, u, n, audio)
-                    cut = SAMPLES_PER_FRAME * (n - HOLD_BACK_FRAMES)
+                    wav = await audio.run(self._decode, u, early, audio)
+                    cut = SAMPLES_PER_FRAME * (early - HOLD_BACK_FRAMES)
                     splice = _Splice(cut, wav[cut:cut + CROSSFADE])
                     # The first exact push: once it reaches a quarter block past the early chunk.
-                    need = max(first, n - HOLD_BACK_FRAMES + audio.lookahead + cfg.block // 4)
+                    need = max(first, early - HOLD_BACK_FRAMES + audio.lookahead + cfg.block // 4)
                     yield wav[:cut]
             while True:
                 await u.wait(start + need)
