@@ -55,6 +55,28 @@ def _wait_queued(co: Coalescer, n: int, timeout: float = 30.0) -> None:
         time.sleep(0.001)
 
 
+def _run_behind_hold(co: Coalescer, tasks: list) -> list:
+    """Runs each zero-argument task on its own thread while the worker is held, so that their
+    first coalesced calls all queue in one drain; returns each task's result or exception."""
+    out: list = [None] * len(tasks)
+
+    def run(i: int) -> None:
+        try:
+            out[i] = tasks[i]()
+        except BaseException as e:  # noqa: BLE001 - the caller asserts on it
+            out[i] = e
+
+    release, holder = _hold(co)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(tasks))]
+    for t in threads:
+        t.start()
+    _wait_queued(co, len(tasks))
+    release.set()
+    for t in threads + [holder]:
+        t.join()
+    return out
+
+
 def test_lone_call_and_batch_dims():
     with Coalescer() as co:
         w = torch.randn(3, 5)
@@ -75,24 +97,11 @@ def test_many_threads_stream_equal_to_alone(tiny_models):
     with torch.inference_mode():
         alone = [_stream(dec, voc, f, s) for f, s in zip(frames, sizes)]
 
-    got: list[torch.Tensor | BaseException | None] = [None] * n
     with Coalescer() as co:
         cdec, cvoc = CoalescedNet(dec, co), CoalescedNet(voc, co)
-        release, holder = _hold(co)
-
-        def run(i: int) -> None:
-            try:
-                got[i] = _stream(cdec, cvoc, frames[i], sizes[i])
-            except BaseException as e:  # noqa: BLE001 - reported below
-                got[i] = e
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        _wait_queued(co, n)                   # every stream's first mel call waits behind the hold
-        release.set()
-        for t in threads + [holder]:
-            t.join()
+        # every stream's first mel call waits behind the hold
+        got = _run_behind_hold(co, [lambda i=i: _stream(cdec, cvoc, frames[i], sizes[i])
+                                    for i in range(n)])
         stats = co.stats
     diffs = []
     for i in range(n):
@@ -107,23 +116,7 @@ def test_many_threads_stream_equal_to_alone(tiny_models):
 
 def _queue_behind_hold(co: Coalescer, net, xs: list[torch.Tensor]) -> list:
     """Runs `co.call(net, x)` for every x from its own thread, all queued in one drain."""
-    out: list = [None] * len(xs)
-
-    def run(i: int) -> None:
-        try:
-            out[i] = co.call(net, xs[i])
-        except ValueError as e:
-            out[i] = e
-
-    release, holder = _hold(co)
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(xs))]
-    for t in threads:
-        t.start()
-    _wait_queued(co, len(xs))
-    release.set()
-    for t in threads + [holder]:
-        t.join()
-    return out
+    return _run_behind_hold(co, [lambda x=x: co.call(net, x) for x in xs])
 
 
 def test_a_failing_input_fails_only_its_own_caller_and_worker_survives():
@@ -185,18 +178,10 @@ def test_whole_file_path_through_coalescer_equals_plain(tiny_models):
     hiddens = [rng.standard_normal((t, 16)).astype(np.float32) for t in (30, 30, 30, 41, 41, 7)]
     codes = [np.zeros((len(h), 4), np.int32) for h in hiddens]
     ref = [decode_utterance(plain, c, h) for c, h in zip(codes, hiddens)]
-    got: list = [None] * len(hiddens)
     with Coalescer() as co:
         routed = coalesced_models(plain, co)
-        release, holder = _hold(co)
-        threads = [threading.Thread(target=lambda i=i: got.__setitem__(
-            i, decode_utterance(routed, codes[i], hiddens[i]))) for i in range(len(hiddens))]
-        for t in threads:
-            t.start()
-        _wait_queued(co, len(hiddens))
-        release.set()
-        for t in threads + [holder]:
-            t.join()
+        got = _run_behind_hold(co, [lambda c=c, h=h: decode_utterance(routed, c, h)
+                                    for c, h in zip(codes, hiddens)])
         stats = co.stats
     for g, r in zip(got, ref):
         assert g.shape == r.shape and np.abs(g - r).max() <= TOL
@@ -219,22 +204,14 @@ def test_coalesced_streams_equal_alone_on_gpu_triton():
     sizes = [60, 48, 48, 48]
     with torch.inference_mode():
         alone = [_stream(models.decoder, models.vocos, f, sizes).float() for f in frames]
-    got: list = [None] * len(frames)
     with Coalescer() as co:
         nets = coalesced_models(models, co)
-        release, holder = _hold(co)
 
-        def run(i: int) -> None:
+        def run(f: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
-                got[i] = _stream(nets.decoder, nets.vocos, frames[i], sizes).float()
+                return _stream(nets.decoder, nets.vocos, f, sizes).float()
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(frames))]
-        for t in threads:
-            t.start()
-        _wait_queued(co, len(frames))
-        release.set()
-        for t in threads + [holder]:
-            t.join()
+        got = _run_behind_hold(co, [lambda f=f: run(f) for f in frames])
         stats = co.stats
     scale = max(a.abs().max().item() for a in alone)
     err = max((x - a).abs().max().item() for x, a in zip(got, alone)) / scale
