@@ -101,13 +101,6 @@ class FrameWriter:
         row[1 + NUM_VQ:].view(np.float32)[:] = hidden
         row[0] = index + 1
 
-    def write_record(self, record: np.ndarray) -> None:
-        """`record`: one int32 row laid out as in the file, marker (index + 1) first."""
-        index = int(record[0]) - 1
-        row = self._row(index)
-        row[1:] = record[1:]
-        row[0] = record[0]
-
     def close(self) -> None:
         if self.fd >= 0:
             self.rows = None

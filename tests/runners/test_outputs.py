@@ -7,7 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from chattts_vllm.runners.outputs import FrameReader, FrameWriter, new_key, record_size
+from chattts_vllm.runners.outputs import (FrameReader, FrameWriter, new_key, record_size,
+                                          write_records_twin)
 
 
 @pytest.fixture(autouse=True)
@@ -29,9 +30,10 @@ def test_records_round_trip_across_growth_and_reopen():
     w.close()
     w = FrameWriter(key, capacity=4)            # a re-added request reopens its file
     rec = np.zeros(record_size() // 4, np.int32)
-    for i in range(300, 700):                   # the GPU sink's raw records
+    for i in range(300, 700):                   # the GPU sink's raw records, as the sink writes them
         rec[0], rec[1:5], rec[5:] = i + 1, codes[i], hidden[i].view(np.int32)
-        w.write_record(rec)
+        w.reserve(i)
+        write_records_twin(rec[None], np.array([w.base + i * rec.nbytes], dtype=np.int64))
     w.close()
     r = FrameReader(key)
     got_c, got_h = r.read(0, 700)
