@@ -108,9 +108,14 @@ async def run_level(url: str, body: dict, concurrency: int, rounds: int, bar: tq
                 audio_s_per_s=audio / wall, audio_s_total=audio, wall_s=wall)
 
 
+STAGES = ("prepare", "engine", "decode")
 SERVER_SERIES = ("chattts_audio_coalesce_jobs_total", "chattts_audio_coalesce_calls_total",
                  "chattts_speech_time_to_first_audio_seconds_sum",
-                 "chattts_speech_time_to_first_audio_seconds_count")
+                 "chattts_speech_time_to_first_audio_seconds_count",
+                 "vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count",
+                 "vllm:inter_token_latency_seconds_sum", "vllm:inter_token_latency_seconds_count",
+                 *(f'chattts_speech_first_audio_stage_seconds_{k}{{stage="{s}"}}'
+                   for s in STAGES for k in ("sum", "count")))
 
 
 def server_series(url: str) -> dict[str, float]:
@@ -121,22 +126,39 @@ def server_series(url: str) -> dict[str, float]:
         return {}
     out = dict.fromkeys(SERVER_SERIES, 0.0)
     for line in text.splitlines():
+        if line.startswith("#"):
+            continue
         name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in out:
-            out[name] += float(line.rsplit(" ", 1)[1])
+        labelled = line.rsplit(" ", 1)[0]
+        for key in (name, labelled):           # plain series summed over labels; exact labelled ones
+            if key in out:
+                out[key] += float(line.rsplit(" ", 1)[1])
     return out
 
 
+def _mean_ms(d: dict, histogram: str, labels: str = "") -> float | None:
+    """Mean of a Prometheus histogram over the level, from its _sum and _count differences."""
+    n = d[f"{histogram}_count{labels}"]
+    return 1e3 * d[f"{histogram}_sum{labels}"] / n if n else None
+
+
 def server_view(before: dict, after: dict) -> dict:
-    """Per level: the server-side mean time to first audio, and stream jobs per audio call (about
-    the number of streams when the server's coalesced audio decode really batches; 1 when not)."""
+    """Per level, from the server's /metrics: the mean time to first audio and its stages (prepare,
+    engine until the first chunk's frames, their decode), vLLM's own mean time to first token and
+    inter-token latency (one token = one frame: the engine step as the requests saw it), and stream
+    jobs per audio call (about the number of streams when the coalesced decode batches; 1 if not)."""
     if not before or not after:
         return {}
     d = {k: after[k] - before[k] for k in SERVER_SERIES}
-    ttfa_n, calls = d["chattts_speech_time_to_first_audio_seconds_count"], d["chattts_audio_coalesce_calls_total"]
-    return dict(
-        server_ttfa_mean_ms=1e3 * d["chattts_speech_time_to_first_audio_seconds_sum"] / ttfa_n if ttfa_n else None,
-        audio_jobs_per_call=d["chattts_audio_coalesce_jobs_total"] / calls if calls else None)
+    calls = d["chattts_audio_coalesce_calls_total"]
+    view = dict(server_ttfa_mean_ms=_mean_ms(d, "chattts_speech_time_to_first_audio_seconds"),
+                engine_ttft_mean_ms=_mean_ms(d, "vllm:time_to_first_token_seconds"),
+                engine_itl_mean_ms=_mean_ms(d, "vllm:inter_token_latency_seconds"),
+                audio_jobs_per_call=d["chattts_audio_coalesce_jobs_total"] / calls if calls else None)
+    for s in STAGES:
+        view[f"first_audio_{s}_mean_ms"] = _mean_ms(d, "chattts_speech_first_audio_stage_seconds",
+                                                    f'{{stage="{s}"}}')
+    return view
 
 
 def _mode(f: int) -> str:
@@ -270,12 +292,16 @@ def main() -> None:
         print("matplotlib not installed: no plot")
 
     print(f"\n{'mode':>8} {'conc':>5} {'reqs':>5} {'err':>4} {'ttfa p50':>9} {'ttfa p95':>9} "
-          f"{'stall p95':>9} {'rtf p50':>8} {'audio s/s':>10} {'jobs/call':>9}")
+          f"{'stall p95':>9} {'rtf p50':>8} {'audio s/s':>10} {'jobs/call':>9}  server ms: "
+          f"{'prep':>5} {'engine':>6} {'decode':>6} {'ttft':>5} {'itl':>5}")
     for r in rows:
         print(f"{'exact' if not r['first_chunk_frames'] else 'F=' + str(r['first_chunk_frames']):>8} "
               f"{r['concurrency']:>5} {r['requests']:>5} {r['errors']:>4} {r['ttfa_p50_ms'] or 0:>7.0f}ms "
               f"{r['ttfa_p95_ms'] or 0:>7.0f}ms {r['stall_p95_ms'] or 0:>7.0f}ms {r['rtf_p50'] or 0:>8.3f} "
-              f"{r['audio_s_per_s']:>10.2f} {r.get('audio_jobs_per_call') or 0:>9.1f}")
+              f"{r['audio_s_per_s']:>10.2f} {r.get('audio_jobs_per_call') or 0:>9.1f}  {'':>10} "
+              + " ".join(f"{r.get(k) or 0:>{w}.1f}" for k, w in (
+                  ("first_audio_prepare_mean_ms", 5), ("first_audio_engine_mean_ms", 6),
+                  ("first_audio_decode_mean_ms", 6), ("engine_ttft_mean_ms", 5), ("engine_itl_mean_ms", 5))))
     print(f"wrote {args.out_dir / stem}.json (+ .png)")
 
 
@@ -287,8 +313,11 @@ def bench(url: str, args) -> tuple[list[dict], str, dict]:
                                     ("max_new_token", args.max_new_token)) if v is not None})
     rows = []
     modes = [{} if not f else {"stream_first_chunk_frames": f} for f in args.first_chunk_frames]
-    for m in modes:          # warm-up (audio kernels' JIT for the window shapes): every mode, 16 streams
-        asyncio.run(run_level(url, {**body, **m}, min(16, max(args.concurrency)), 1, tqdm(disable=True)))
+    # Warm-up, not measured: every (concurrency, mode) level once, so that the audio kernels' JIT
+    # for each coalesced batch shape happens here, as it would in a server's first minutes.
+    for c in args.concurrency:
+        for m in modes:
+            asyncio.run(run_level(url, {**body, **m}, c, 1, tqdm(disable=True)))
     total = sum(args.concurrency) * args.rounds * len(modes)
     with tqdm(total=total, unit="req", desc="bench_serving") as bar:
         for c in args.concurrency:

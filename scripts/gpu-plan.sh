@@ -34,20 +34,19 @@ case "${1:-}" in
   check)
     ( export CUDA_VISIBLE_DEVICES=0
       timeout 170 $py benchmarks/bench_decoder.py > $W/decoder.log 2>&1; echo "decoder rc $?" >> $W/decoder.log
-      timeout 390 $py benchmarks/bench_throughput.py --batches 1 512 1024 --time-limit 380 > $W/throughput.log 2>&1
+      timeout 340 $py benchmarks/bench_throughput.py --batches 1 512 --time-limit 330 > $W/throughput.log 2>&1
       echo "throughput rc $?" >> $W/throughput.log ) &
     ( export CUDA_VISIBLE_DEVICES=1
-      timeout 220 $py -m pytest -q -m gpu tests/kernels tests/audio tests/runners > $W/pytest-gpu.log 2>&1
-      echo "pytest rc $?" >> $W/pytest-gpu.log
-      MRV2_TIMEOUT=120 OUT=$W bash scripts/gpu-check.sh mrv2 > /dev/null 2>&1
       for e in "" --stock; do
-        timeout 110 $py benchmarks/profile_gpt_step.py --batch 512 --frames 100 $e > $W/profile${e:+-stock}.log 2>&1
-      done ) &
+        timeout 100 $py benchmarks/profile_gpt_step.py --batch 512 --frames 100 $e > $W/profile${e:+-stock}.log 2>&1
+      done
+      SERVING_TIMEOUT=260 OUT=$W bash scripts/gpu-check.sh serving --first-chunk-frames 0 12 --tag coalesced \
+        > /dev/null 2>&1 ) &
     wait
     quiet $W/decoder.log | grep -A10 "^impl " ; tail -1 $W/decoder.log
     quiet $W/throughput.log | grep -A8 "^ batch"; tail -1 $W/throughput.log
-    tail -2 $W/pytest-gpu.log; grep -E "passed|failed" $W/pytest-mrv2.log | tail -1
-    grep -h "^== \|^-- thread\|^   [a-z]" $W/profile*.log | head -40 ;;
+    for f in $W/bench-serving*.log; do quiet "$f" | grep -A7 "mode  conc"; done
+    grep -h "^== \|^-- thread\|^   [a-z]" $W/profile*.log | head -60 ;;
   scale)
     ( export CUDA_VISIBLE_DEVICES=0
       SERVING_TIMEOUT=250 OUT=$W bash scripts/gpu-check.sh serving --first-chunk-frames 0 12 --tag coalesced > /dev/null 2>&1

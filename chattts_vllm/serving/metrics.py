@@ -3,13 +3,15 @@
 vLLM exposes the process's default registry there (one API server; with several, only its
 multiprocess files, which these metrics do not use). What the engine's metrics cannot show:
 
-- time to first audio of streamed requests, and audio seconds returned;
+- time to first audio of streamed requests, split into prepare / engine / decode stages, and
+  audio seconds returned;
 - requests by kind and outcome;
 - whether the audio decode of concurrent streams is really batched: the coalescer's jobs, calls,
   batched calls and retried batches, read from its counters at scrape time (no hot-path cost).
 """
 from __future__ import annotations
 
+import time
 import weakref
 
 from prometheus_client import REGISTRY, Counter, Histogram
@@ -19,6 +21,11 @@ TTFA = Histogram(
     "chattts_speech_time_to_first_audio_seconds",
     "Streamed /v1/audio/speech requests: from the request's start to its first audio bytes.",
     buckets=(0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0))
+FIRST_AUDIO_STAGES = Histogram(
+    "chattts_speech_first_audio_stage_seconds",
+    "Streamed requests, the time to first audio by stage: prepare (text to engine prompts), engine "
+    "(submitted until the frames of the first chunk are reported) and decode (those frames to audio).",
+    ["stage"], buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0))
 AUDIO_SECONDS = Counter(
     "chattts_speech_audio_seconds", "Seconds of audio returned by /v1/audio/speech.", ["stream"])
 REQUESTS = Counter(
@@ -52,3 +59,14 @@ class CoalescerCollector:
 
 COALESCERS = CoalescerCollector()
 REGISTRY.register(COALESCERS)
+
+
+def observe_first_audio(t0: float, job) -> None:
+    """The stages of one streamed request's first audio (`t0`: the request's start, perf_counter)."""
+    if job.first_audio_at is None:
+        return
+    TTFA.observe(time.perf_counter() - t0)
+    for stage, a, b in (("prepare", t0, job.submitted_at),
+                        ("engine", job.submitted_at, job.first_frames_at),
+                        ("decode", job.first_frames_at, job.first_audio_at)):
+        FIRST_AUDIO_STAGES.labels(stage=stage).observe(max(0.0, b - a))

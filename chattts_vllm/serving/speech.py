@@ -83,7 +83,7 @@ async def encoded_stream(service: SpeechService, prepared: Prepared, req: Speech
     try:
         async for wav in job.stream(audio, service.stream_config):
             if samples == 0 and wav.size and t0 is not None:
-                metrics.TTFA.observe(time.perf_counter() - t0)
+                metrics.observe_first_audio(t0, job)
             samples += wav.size
             if data := await audio.run(enc.write, wav):
                 yield event(data)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
@@ -205,6 +206,11 @@ class SpeechJob:
                            for i, r in enumerate(requests)]
         self.used_tokens = used_tokens          # e.g. the refine pass
         self.first_chunk_frames = first_chunk_frames    # the request's choice, else the server's
+        # perf_counter stamps of the first audio (streams): submitted, its frames reported, its audio
+        # decoded. They split the time to first audio into engine and decode (serving/metrics.py).
+        self.submitted_at = time.perf_counter()
+        self.first_frames_at: float | None = None
+        self.first_audio_at: float | None = None
 
     def usage(self) -> dict[str, int]:
         inp = sum(u.prompt_tokens for u in self.utterances)
@@ -235,21 +241,25 @@ class SpeechJob:
                 await u.wait(early)
                 u.check()
                 if u.frames >= early:
+                    t_frames = time.perf_counter()
                     wav = await audio.run(self._decode, u, early, audio)
                     cut = SAMPLES_PER_FRAME * (early - HOLD_BACK_FRAMES)
                     splice = _Splice(cut, wav[cut:cut + CROSSFADE])
                     # The first exact push: once it reaches a quarter block past the early chunk.
                     need = max(first, early - HOLD_BACK_FRAMES + audio.lookahead + cfg.block // 4)
+                    self._stamp_first_audio(t_frames)
                     yield wav[:cut]
             while True:
                 await u.wait(start + need)
                 u.check()
+                t_frames = time.perf_counter()
                 ended, stop = u.done, u.frames       # snapshot: more may arrive during the push
                 if stop > start:
                     wav = await audio.run(self._push, u, dec, start, stop, audio.use_decoder)
                     wav = splice(wav) if splice is not None else wav
                     start, need = stop, (cfg.block if wav.size else need)
                     if wav.size:
+                        self._stamp_first_audio(t_frames)
                         yield wav
                 if ended:
                     break
@@ -258,6 +268,10 @@ class SpeechJob:
             u.close()
             if tail.size:
                 yield tail
+
+    def _stamp_first_audio(self, frames_at: float) -> None:
+        if self.first_audio_at is None:
+            self.first_frames_at, self.first_audio_at = frames_at, time.perf_counter()
 
     @staticmethod
     def _push(u: Utterance, dec, start: int, stop: int, use_decoder: bool) -> np.ndarray:

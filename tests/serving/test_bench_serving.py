@@ -29,3 +29,7 @@ def test_bench_serving_smoke(server, tmp_path):
         assert row["audio_s_per_s"] > 0
         # the server's own view of the level, from its /metrics (no coalescer on the CPU)
         assert 0 < row["server_ttfa_mean_ms"] and row["audio_jobs_per_call"] is None
+        # ... with its stages and the engine's own latencies (vLLM's histograms)
+        assert row["first_audio_engine_mean_ms"] > 0 and row["first_audio_decode_mean_ms"] > 0
+        assert row["first_audio_prepare_mean_ms"] is not None
+        assert row["engine_ttft_mean_ms"] > 0 and row["engine_itl_mean_ms"] > 0

@@ -192,11 +192,14 @@ def test_instructions_run_the_refine_pass_and_speed_is_accepted(server):
 
 def test_speech_metrics_on_the_metrics_endpoint(server):
     """/metrics carries the endpoint's own series next to vLLM's: requests by outcome, audio
-    seconds, and the streamed time to first audio."""
+    seconds, and the streamed time to first audio with its prepare / engine / decode split."""
     ok_before = server.metric('chattts_speech_requests_total{outcome="ok",stream="true"}')
     bad_before = server.metric("chattts_speech_requests_total")
     ttfa_before = server.metric("chattts_speech_time_to_first_audio_seconds_count")
     audio_before = server.metric("chattts_speech_audio_seconds_total")
+    stage = 'chattts_speech_first_audio_stage_seconds_{}{{stage="{}"}}'
+    stages_before = {s: (server.metric(stage.format("count", s)), server.metric(stage.format("sum", s)))
+                     for s in ("prepare", "engine", "decode")}
     with requests.post(f"{server.url}/v1/audio/speech", json={"model": MODEL, "input": TEXT,
                        "response_format": "pcm", "stream_format": "audio", **FIXED},
                        stream=True, timeout=300) as r:
@@ -204,6 +207,10 @@ def test_speech_metrics_on_the_metrics_endpoint(server):
         pcm = b"".join(r.iter_content(None))
     assert server.speech(input="", voice="alloy").status_code == 400
     assert server.metric("chattts_speech_time_to_first_audio_seconds_count") == ttfa_before + 1
+    # The stages of that first audio: each observed once, engine and decode each taking real time.
+    for s, (count, total) in stages_before.items():
+        assert server.metric(stage.format("count", s)) == count + 1
+        assert server.metric(stage.format("sum", s)) > total or s == "prepare"
     assert server.metric("chattts_speech_audio_seconds_total") - audio_before == \
         pytest.approx(len(pcm) / 2 / SR, rel=1e-6)
     assert server.metric("chattts_speech_requests_total") >= bad_before + 2
