@@ -91,3 +91,20 @@ def first_output_frames(models: AudioModels, use_decoder: bool = True) -> int:
     voc = models.vocos
     istft = voc.head.istft.window.shape[0] // (2 * voc.hop_length) + 1
     return math.ceil((mel_model(models, use_decoder).context + voc.context + istft) / 2)
+
+
+@torch.inference_mode()
+def warm_up_audio(models: AudioModels, first_push: int, block: int, early: tuple[int, ...] = (),
+                  use_decoder: bool = True) -> None:
+    """Decode silence once in every shape one stream asks for: a whole utterance of each `early`
+    length (the low-latency first chunk), then a stream's first push, one block and the flush.
+    On the GPU the first call of each shape JIT-compiles (and autotunes) Triton kernels for
+    seconds; a server does that at start-up, not inside its first requests' time to first audio."""
+    width = models.decoder.frame_dim if use_decoder else 4
+    silence = (lambda n: (np.zeros((n, 4), np.int64), np.zeros((n, width), np.float32)))
+    for n in early:
+        decode_utterance(models, *silence(n), use_decoder)
+    dec = stream_decoder(models, use_decoder)
+    for n in (first_push, block):
+        dec.push(frames_input(*silence(n), use_decoder))
+    dec.flush()

@@ -20,7 +20,7 @@ from chattts_vllm.gpt.requests import EnginePrompt, code_request
 from chattts_vllm.params import InferCodeParams, InvalidParamsError, RefineTextParams
 from chattts_vllm.serving import metrics
 from chattts_vllm.serving.controls import InvalidInstructionsError, refine_prompt, speed_prompt
-from chattts_vllm.serving.pipeline import SpeechPlan, split_text
+from chattts_vllm.serving.pipeline import SpeechPlan, split_text, warm_up_audio
 from chattts_vllm.serving.protocol import SpeechError, SpeechRequest
 from chattts_vllm.serving.streaming import AudioRunner, SpeechJob, StreamConfig, refine_texts
 from chattts_vllm.text import normalize, prompt
@@ -43,12 +43,17 @@ def audio_device() -> tuple[str, torch.dtype]:
     return device, dtype
 
 
-def audio_coalesce(device: str) -> bool:
-    """CHATTTS_VLLM_AUDIO_COALESCE; default on for CUDA, where per-stream decodes are launch-bound."""
-    env = os.environ.get("CHATTTS_VLLM_AUDIO_COALESCE")
+def _switch(name: str, device: str) -> bool:
+    """An on/off environment switch whose default is on for CUDA audio and off elsewhere."""
+    env = os.environ.get(name)
     if env is None or env == "":
         return torch.device(device).type == "cuda"
     return env.strip().lower() not in ("0", "false", "no", "off")
+
+
+def audio_coalesce(device: str) -> bool:
+    """CHATTTS_VLLM_AUDIO_COALESCE; default on for CUDA, where per-stream decodes are launch-bound."""
+    return _switch("CHATTTS_VLLM_AUDIO_COALESCE", device)
 
 
 def audio_threads(coalesce: bool) -> int:
@@ -56,6 +61,14 @@ def audio_threads(coalesce: bool) -> int:
     coalescer, holding no GIL, so many streams must be able to wait at once), else up to 4."""
     default = 64 if coalesce else min(4, os.cpu_count() or 1)
     return int(os.environ.get("CHATTTS_VLLM_AUDIO_THREADS", default))
+
+
+WARM_FIRST_CHUNK_FRAMES = 12     # a first-chunk length warmed at start-up besides the server's own
+
+
+def audio_warm_up(device: str) -> bool:
+    """CHATTTS_VLLM_AUDIO_WARMUP; default on for CUDA, where each new decode shape JIT-compiles."""
+    return _switch("CHATTTS_VLLM_AUDIO_WARMUP", device)
 
 
 @dataclass
@@ -90,6 +103,11 @@ class SpeechService:
                                  ThreadPoolExecutor(threads, thread_name_prefix="chattts-audio"),
                                  coalescer=coalescer)
         self.stream_config = StreamConfig.from_env()
+        if audio_warm_up(device):
+            cfg = self.stream_config
+            early = sorted({f for f in (cfg.first_chunk_frames, WARM_FIRST_CHUNK_FRAMES) if f > 0})
+            warm_up_audio(self.audio.models, max(cfg.first_block, self.audio.lookahead), cfg.block,
+                          tuple(early), self.audio.use_decoder)
 
     @classmethod
     async def create(cls, engine, args) -> SpeechService:

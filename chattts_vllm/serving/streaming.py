@@ -199,6 +199,12 @@ class Utterance:
 class SpeechJob:
     """The sentences of one request, submitted together; audio comes back in sentence order."""
 
+    # perf_counter stamps of a stream's first audio: submitted (set at start), its frames reported,
+    # its audio decoded. They split the time to first audio into engine and decode (metrics.py).
+    submitted_at: float = 0.0
+    first_frames_at: float | None = None
+    first_audio_at: float | None = None
+
     def __init__(self, engine, requests: list[EnginePrompt], request_id: str, used_tokens: int = 0,
                  first_chunk_frames: int | None = None, whole: bool = False):
         """`whole`: the caller wants `waveform` (one file), not `stream`."""
@@ -206,11 +212,7 @@ class SpeechJob:
                            for i, r in enumerate(requests)]
         self.used_tokens = used_tokens          # e.g. the refine pass
         self.first_chunk_frames = first_chunk_frames    # the request's choice, else the server's
-        # perf_counter stamps of the first audio (streams): submitted, its frames reported, its audio
-        # decoded. They split the time to first audio into engine and decode (serving/metrics.py).
         self.submitted_at = time.perf_counter()
-        self.first_frames_at: float | None = None
-        self.first_audio_at: float | None = None
 
     def usage(self) -> dict[str, int]:
         inp = sum(u.prompt_tokens for u in self.utterances)

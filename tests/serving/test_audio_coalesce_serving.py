@@ -15,7 +15,7 @@ from chattts_vllm.audio.checkpoint import (AudioModels, decoder_shapes, load_dec
                                            random_state_dict, vocos_shapes)
 from chattts_vllm.audio.coalesce import CoalescedNet, Coalescer
 from chattts_vllm.serving.pipeline import decode_utterance
-from chattts_vllm.serving.service import audio_coalesce, audio_threads
+from chattts_vllm.serving.service import audio_coalesce, audio_threads, audio_warm_up
 from chattts_vllm.serving.streaming import AudioRunner, SpeechJob, StreamConfig
 
 
@@ -90,15 +90,17 @@ def test_concurrent_whole_files_equal_oneshot(runner, models):
         assert wav.shape == ref.shape and np.abs(wav - ref).max() <= 1e-5
 
 
+@pytest.mark.parametrize("var,switch", [("CHATTTS_VLLM_AUDIO_COALESCE", audio_coalesce),
+                                        ("CHATTTS_VLLM_AUDIO_WARMUP", audio_warm_up)])
 @pytest.mark.parametrize("env,device,want", [(None, "cuda", True), (None, "cpu", False),
                                              ("0", "cuda", False), ("1", "cpu", True),
                                              ("off", "cuda:0", False), ("", "cuda:1", True)])
-def test_coalesce_switch(monkeypatch, env, device, want):
+def test_cuda_default_switches(monkeypatch, var, switch, env, device, want):
     if env is None:
-        monkeypatch.delenv("CHATTTS_VLLM_AUDIO_COALESCE", raising=False)
+        monkeypatch.delenv(var, raising=False)
     else:
-        monkeypatch.setenv("CHATTTS_VLLM_AUDIO_COALESCE", env)
-    assert audio_coalesce(device) is want
+        monkeypatch.setenv(var, env)
+    assert switch(device) is want
 
 
 def test_audio_threads_default(monkeypatch):

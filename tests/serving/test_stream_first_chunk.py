@@ -16,7 +16,7 @@ import torch
 
 from chattts_vllm.audio.checkpoint import (AudioModels, decoder_shapes, load_decoder, load_vocos,
                                            random_state_dict, vocos_shapes)
-from chattts_vllm.serving.pipeline import decode_utterance
+from chattts_vllm.serving.pipeline import decode_utterance, warm_up_audio
 from chattts_vllm.serving.protocol import SpeechError, parse_speech_request
 from chattts_vllm.serving.streaming import (CROSSFADE, HOLD_BACK_FRAMES, SAMPLES_PER_FRAME,
                                             AudioRunner, SpeechJob, StreamConfig, Utterance)
@@ -153,3 +153,19 @@ def test_request_field():
     with pytest.raises(SpeechError) as e:
         parse_speech_request(b'{"model": "chattts", "input": "hi", "stream_first_chunk_frames": -1}', ["chattts"])
     assert e.value.param == "stream_first_chunk_frames"
+
+
+def test_warm_up_runs_every_stream_shape(audio):
+    """The start-up warm-up decodes each shape a stream asks for: the early chunks, a stream's first
+    push, a block and the flush, at the real lookahead (so the first requests JIT nothing new)."""
+    seen = []
+    dec = audio.models.decoder
+    orig = dec.decode_frames
+    dec.decode_frames = lambda x: (seen.append(x.shape[1]), orig(x))[1]
+    try:
+        warm_up_audio(audio.models, audio.lookahead, 48, early=(12, 20))
+    finally:
+        del dec.decode_frames
+    assert seen[:2] == [12, 20]                       # the early chunks, decoded whole
+    assert seen[2] == audio.lookahead                 # the first push
+    assert len(seen) >= 4 and all(n > 0 for n in seen)  # a block, then the flush
