@@ -300,6 +300,7 @@ def main() -> None:
                     if name in impls:
                         print(f"\n== profile: {name}, batch {batch}")
                         profiles[name] = dict(batch=batch, top=profile_top(impls[name][0], hidden))
+    triton_kernels("tune_cache").save()              # autotune picks on disk for the next process
     for r in rows:
         base = next((b for b in rows if b["impl"] == "compile" and b["batch"] == r["batch"]), None)
         r["speedup_vs_compile"] = base["ms"] / r["ms"] if base else None

@@ -97,9 +97,12 @@ def warm_decoder(audio, shapes: set[int], frames: int, cuda: bool) -> None:
     """Triton JIT / autotuning for every (chunk, frames) shape that a timed decode will use."""
     import numpy as np
 
+    from chattts_vllm.audio.convnext import triton_kernels
+
     rng = np.random.default_rng(0)
     for b in sorted(shapes):
         decode(audio, [rng.standard_normal((frames, 768), dtype=np.float32) for _ in range(b)], cuda)
+    triton_kernels("tune_cache").save()          # the picks on disk: the next process skips tuning
 
 
 def wait_file(path: Path, deadline: float | None = None) -> str:

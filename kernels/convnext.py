@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tune_cache
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MLP_MODE = os.environ.get("CHATTTS_CONVNEXT_MLP", "split")     # "split" | "fused"
 AUTOTUNE = os.environ.get("CHATTTS_TRITON_AUTOTUNE", "1") != "0"
@@ -87,6 +89,7 @@ def dwconv_ln(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor |
               ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float = 1e-6,
               dilation: int = 1) -> torch.Tensor:
     """LN(dwconv(x)) on (B, T, C); weight (C, 1, KS), or None for a plain LayerNorm."""
+    tune_cache.ensure_loaded()
     x = x.contiguous()
     bsz, t, c = x.shape
     y = torch.empty_like(x)
@@ -112,6 +115,7 @@ def dwconv_ln(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor |
 _dwconv_ln_tuned = triton.autotune(
     [triton.Config({"BLOCK_T": bt}, num_warps=w) for bt, w in [(16, 8), (32, 8), (32, 16), (64, 16)]],
     key=["C", "KS", "DIL", "CONV", "BLOCK_C"])(_dwconv_ln_kernel)
+tune_cache.register("convnext.dwconv_ln", _dwconv_ln_tuned)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,6 +343,9 @@ _conv_tma_tuned = triton.autotune(_configs(_CONV_SHAPES, _set_conv_boxes, group=
                                   key=["N", "CIN", "TAPS", "SPEC"])(_conv_tma_kernel)
 _conv_gemm_tuned = triton.autotune(_configs(_PTR_SHAPES),
                                    key=["N", "CIN", "TAPS", "HAS_RES", "SPEC"])(_conv_gemm_kernel)
+tune_cache.register("convnext.linear_tma", _linear_tma_tuned)
+tune_cache.register("convnext.conv_tma", _conv_tma_tuned)
+tune_cache.register("convnext.conv_gemm", _conv_gemm_tuned)
 # fp32 (IEEE dots run on CUDA cores, not tensor cores): small tiles, or the big ones spill badly.
 _FP32_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2,
                 "PERSISTENT": False, "OCC": 1}
@@ -463,6 +470,7 @@ def conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     spectrum: the Vocos ISTFT head — outputs are (log-magnitude, phase) halves, N = 2·F; returns
     the complex spectrum (B, T, F) (complex64; needs out_dtype float32), computed in the epilogue.
     """
+    tune_cache.ensure_loaded()
     if spectrum:
         assert out_dtype == torch.float32 and not (gelu or scale is not None or residual is not None)
         weight = _interleave_rows(weight)
@@ -616,12 +624,15 @@ def _mlp_configs(hook=None) -> list[triton.Config]:
 
 _mlp_tma_tuned = triton.autotune(_mlp_configs(_set_mlp_blocks), key=["C", "I"])(_mlp_tma_kernel)
 _mlp_tuned = triton.autotune(_mlp_configs(), key=["C", "I"])(_mlp_kernel)
+tune_cache.register("convnext.mlp_tma", _mlp_tma_tuned)
+tune_cache.register("convnext.mlp", _mlp_tuned)
 
 
 def fused_mlp(y: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
               b2: torch.Tensor, scale: torch.Tensor, x: torch.Tensor,
               config: dict | None = None, tma: bool | None = None) -> torch.Tensor:
     """x + scale · (W2·GELU(W1·y + b1) + b2) on (B, T, C), one kernel."""
+    tune_cache.ensure_loaded()
     bsz, t, c = x.shape
     i = w1.shape[0]
     m = bsz * t
