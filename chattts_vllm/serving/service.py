@@ -16,6 +16,7 @@ import torch
 
 from chattts_vllm.audio.checkpoint import load_audio_models
 from chattts_vllm.audio.coalesce import Coalescer
+from chattts_vllm.audio.convnext import triton_kernels
 from chattts_vllm.gpt.requests import EnginePrompt, code_request
 from chattts_vllm.params import InferCodeParams, InvalidParamsError, RefineTextParams
 from chattts_vllm.serving import metrics
@@ -108,6 +109,7 @@ class SpeechService:
             early = sorted({f for f in (cfg.first_chunk_frames, WARM_FIRST_CHUNK_FRAMES) if f > 0})
             warm_up_audio(self.audio.models, max(cfg.first_block, self.audio.lookahead), cfg.block,
                           tuple(early), self.audio.use_decoder)
+            triton_kernels("tune_cache").save()     # the autotune picks: a restart skips tuning
 
     @classmethod
     async def create(cls, engine, args) -> SpeechService:
