@@ -40,6 +40,7 @@ from chattts_vllm.params import EngineRequest
 from chattts_vllm.runners.frame_glue import (commit_and_pack_torch, fused_glue_kernels,
                                              token_embeddings_torch)
 from chattts_vllm.runners.outputs import FrameSinkThread, record_size
+from chattts_vllm.runners.slot_values import StagedSlotValues, upload
 
 logger = logging.getLogger(__name__)
 MAX_PARKED = 256
@@ -57,19 +58,19 @@ class ChatTTSModelState(DefaultModelState):
         S, L, H = self.max_num_reqs, self.max_model_len, model.config.hidden_size
         self.trash = L                                     # column for writes that must not land
         self.codes = torch.zeros(S, L + 1, NUM_VQ, dtype=torch.int32, device=device)
-        self.is_code = torch.zeros(S, dtype=torch.bool, device=device)
         self.is_code_np = np.zeros(S, dtype=bool)
         self.is_chattts_np = np.zeros(S, dtype=bool)
-        self.text_len = torch.zeros(S, dtype=torch.int64, device=device)
-        self.prompt_len = torch.zeros(S, dtype=torch.int64, device=device)
-        self.spk_pos = torch.full((S,), -1, dtype=torch.int64, device=device)
-        self.spk_vec = torch.zeros(S, H, dtype=torch.float32, device=device)
-        self.temperature = torch.ones(S, NUM_VQ, dtype=torch.float32, device=device)
-        self.top_p = torch.ones(S, dtype=torch.float32, device=device)
-        self.top_k = torch.full((S,), 20, dtype=torch.int64, device=device)
-        self.penalty = torch.ones(S, dtype=torch.float32, device=device)
-        self.min_new = torch.zeros(S, dtype=torch.int64, device=device)
-        self.seed = torch.zeros(S, dtype=torch.int64, device=device)
+        f32, i64 = torch.float32, torch.int64
+        self.values = StagedSlotValues({
+            "is_code": ((), torch.bool, 0), "text_len": ((), i64, 0), "prompt_len": ((), i64, 0),
+            "spk_pos": ((), i64, -1), "spk_vec": ((H,), f32, 0.0), "temperature": ((NUM_VQ,), f32, 1.0),
+            "top_p": ((), f32, 1.0), "top_k": ((), i64, 20), "penalty": ((), f32, 1.0),
+            "min_new": ((), i64, 0), "seed": ((), i64, 0)}, S, device)
+        v = self.values.gpu
+        self.is_code, self.text_len, self.prompt_len = v["is_code"], v["text_len"], v["prompt_len"]
+        self.spk_pos, self.spk_vec, self.temperature = v["spk_pos"], v["spk_vec"], v["temperature"]
+        self.top_p, self.top_k, self.penalty = v["top_p"], v["top_k"], v["penalty"]
+        self.min_new, self.seed = v["min_new"], v["seed"]
         self.embeds = torch.zeros(self.max_num_tokens, H, dtype=self.dtype, device=device)
         self.glue = fused_glue_kernels(device)             # None: the PyTorch twins
         if self.glue is not None and getattr(model.model.embed_tokens, "tp_size", 1) != 1:
@@ -94,20 +95,19 @@ class ChatTTSModelState(DefaultModelState):
         self.slot_of[new_req_data.req_id] = slot
         self.is_chattts_np[slot] = req is not None
         self.is_code_np[slot] = req is not None and req.mode == "code"
-        self.is_code[slot] = bool(self.is_code_np[slot])
         self.sink.open(slot, req.sink if self.is_code_np[slot] else None)
         if req is None:
+            self.values.stage(slot, is_code=False)
             return
+        # Host rows only: `apply_staged_writes` sends every arrival of this step in one copy.
         prompt_len = len(new_req_data.prompt_token_ids or [])
         temps = (req.temperature * NUM_VQ)[:NUM_VQ] if len(req.temperature) == 1 else req.temperature
-        self.temperature[slot] = self.upload(torch.tensor(temps, dtype=torch.float32))
-        self.top_p[slot], self.top_k[slot] = req.top_p, req.top_k
-        self.penalty[slot], self.min_new[slot], self.seed[slot] = (
-            req.repetition_penalty, req.min_new_token, req.seed)
-        self.text_len[slot], self.prompt_len[slot] = req.text_len, prompt_len
-        self.spk_pos[slot] = req.spk_position if req.speaker is not None else -1
+        self.values.stage(slot, is_code=self.is_code_np[slot], temperature=temps, top_p=req.top_p,
+                          top_k=req.top_k, penalty=req.repetition_penalty, min_new=req.min_new_token,
+                          seed=req.seed, text_len=req.text_len, prompt_len=prompt_len,
+                          spk_pos=req.spk_position if req.speaker is not None else -1)
         if req.speaker is not None:
-            self.spk_vec[slot] = self.upload(torch.tensor(req.speaker, dtype=torch.float32))
+            self.values.stage(slot, spk_vec=req.speaker)
         if req.prompt_codes:
             pc = torch.tensor(req.prompt_codes, dtype=torch.int32)
             self.codes[slot, req.text_len:req.text_len + len(pc)] = self.upload(pc)
@@ -119,13 +119,12 @@ class ChatTTSModelState(DefaultModelState):
             logger.warning("chattts: request %s resumed without its frame history; codes 1-3 of "
                            "its first %d frames are lost", new_req_data.req_id, resumed)
 
+    def apply_staged_writes(self) -> None:
+        super().apply_staged_writes()
+        self.values.apply()
+
     def upload(self, host: torch.Tensor) -> torch.Tensor:
-        """Host values to the GPU without a stream sync: a copy from pageable memory waits for
-        the stream, which would stall async scheduling at every request arrival. Pinned staging
-        comes from torch's caching host allocator, which keeps it alive until the copy is done."""
-        if torch.device(self.device).type != "cuda":
-            return host.to(self.device)
-        return host.pin_memory().to(self.device, non_blocking=True)
+        return upload(host, torch.device(self.device))
 
     def remove_request(self, req_id: str) -> None:
         slot = self.slot_of.pop(req_id, None)
