@@ -128,7 +128,7 @@ class FrameReader:
         if n == 0:
             return np.zeros((0, NUM_VQ), np.int32), np.zeros((0, self.hidden_size), np.float32)
         want = np.arange(start + 1, stop + 1, dtype=np.int32)
-        deadline, delay = time.monotonic() + timeout, 1e-4
+        deadline, delay = time.monotonic() + timeout, 5e-5
         while True:
             rec = self._load(start, n)
             if rec is not None and np.array_equal(rec[:, 0], want):
@@ -136,7 +136,9 @@ class FrameReader:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"frame side channel {self.path} holds fewer than {stop} frames")
             time.sleep(delay)
-            delay = min(delay * 2, 0.01)
+            # The sink is about one step behind: poll at most 1 ms apart, so a wait overshoots the
+            # write by under 1 ms (a stream's first chunk pays this in its time to first audio).
+            delay = min(delay * 2, 1e-3)
         return rec[:, 1:1 + NUM_VQ].copy(), rec[:, 1 + NUM_VQ:].copy().view(np.float32)
 
     def _load(self, start: int, n: int) -> np.ndarray | None:
