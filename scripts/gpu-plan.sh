@@ -12,8 +12,8 @@
 #                                       # card 1: host profile of ChatTTS, then serving TTFA
 #                                       #         (coalesced audio, with its stage breakdown)
 #   bash scripts/gpu-plan.sh scale      # card 0: several engines per GPU (2, 3), bf16 KV   (~9 min)
-#                                       # card 1: GPU tests (kernels, audio, glue, MRv2), then
-#                                       #         engines with an fp8 KV cache (1, 2)
+#                                       # card 1: serving TTFA with the audio's CUDA graphs on
+#                                       #         (coalesced batches padded to powers of two)
 #   bash scripts/gpu-plan.sh extra      # card 0: decoder bench, then the GPU server test   (~9 min)
 #                                       # card 1: serving TTFA, engine core in the server process
 #   bash scripts/gpu-plan.sh ray        # both cards: Ray Serve 1 -> 2 replicas               (~5 min)
@@ -52,10 +52,10 @@ case "${1:-}" in
   scale)
     ( card0 timeout 560 $py benchmarks/bench_throughput.py --engines 2 3 --batches 512 --skip-stock \
         --time-limit 550 > $W/engines.log 2>&1; echo "engines rc $?" >> $W/engines.log ) &
-    ( card1 timeout 560 $py benchmarks/bench_throughput.py --engines 1 2 --batches 512 --kv-cache-dtype fp8 \
-        --skip-stock --time-limit 550 > $W/engines-fp8.log 2>&1; echo "engines fp8 rc $?" >> $W/engines-fp8.log ) &
+    ( CHATTTS_AUDIO_CUDA_GRAPHS=1 SERVING_TIMEOUT=400 OUT=$W card1 bash scripts/gpu-check.sh serving \
+        --first-chunk-frames 0 12 --tag graphs > /dev/null 2>&1 ) &
     wait
-    grep -h "round\|best\|rc " $W/engines*.log ;;
+    grep -h "round\|best\|rc " $W/engines*.log; serving_table ;;
   extra)
     ( card0 timeout 200 $py benchmarks/bench_decoder.py > $W/decoder.log 2>&1; echo "decoder rc $?" >> $W/decoder.log
       card0 timeout 300 $py -m pytest -q -m gpu tests/gpu/test_serve_gpu.py > $W/pytest-serve.log 2>&1

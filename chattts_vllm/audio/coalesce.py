@@ -61,11 +61,17 @@ class CoalesceStats:
 class Coalescer:
     """Batches calls to network functions across threads (see the module docstring)."""
 
-    def __init__(self, name: str = "chattts-audio-coalesce", max_elements: int = 64 * 1024 * 768):
+    def __init__(self, name: str = "chattts-audio-coalesce", max_elements: int = 64 * 1024 * 768,
+                 pad_batches: bool = False):
         """`max_elements`: inputs of one batched call hold at most this many elements (default:
         64 utterances of 1,024 frames of hidden states); a larger group runs in several calls, so
-        batching never needs much more memory than the largest single call."""
+        batching never needs much more memory than the largest single call.
+
+        `pad_batches`: a call of n rows runs on the next power of two rows (zero rows added, their
+        outputs dropped), so that per-shape CUDA graphs (audio/graphs.py) see 7 batch sizes up to
+        64 instead of every n. Rows are independent in these networks, so results do not change."""
         self.max_elements = max_elements
+        self.pad_batches = pad_batches
         self.stats = CoalesceStats()
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
@@ -157,14 +163,27 @@ class Coalescer:
                 size = job.x.numel()
         return out
 
+    def _padded(self, rows: int, x: torch.Tensor) -> int:
+        """Rows to run `rows` rows as: the next power of two with `pad_batches`, if it fits."""
+        if not self.pad_batches or rows < 1:
+            return rows
+        padded = 1 << (rows - 1).bit_length()
+        return padded if padded * (x.numel() // max(1, x.shape[0])) <= self.max_elements else rows
+
     def _run_batch(self, batch: list[_Job]) -> None:
         self.stats.calls += 1
         self.stats.batched_calls += len(batch) > 1
         self.stats.largest = max(self.stats.largest, len(batch))
         try:
             xs = [j.x for j in batch]
+            rows = sum(t.shape[0] for t in xs)
+            pad = self._padded(rows, xs[0]) - rows
+            if pad:
+                xs = xs + [xs[0].new_zeros((pad, *xs[0].shape[1:]))]
             x = xs[0] if len(xs) == 1 else torch.cat(xs, 0)
             out = batch[0].fn(x, *batch[0].static)
+            out = out[:rows] if pad else out
+            xs = xs[:len(batch)]
             parts = [out] if len(batch) == 1 else out.split([t.shape[0] for t in xs], 0)
         except BaseException as e:     # noqa: BLE001 - reported to the callers, never lost
             if len(batch) == 1:

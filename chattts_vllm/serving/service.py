@@ -17,6 +17,7 @@ import torch
 from chattts_vllm.audio.checkpoint import load_audio_models
 from chattts_vllm.audio.coalesce import Coalescer
 from chattts_vllm.audio.convnext import triton_kernels
+from chattts_vllm.audio.graphs import graphs_enabled_by_env
 from chattts_vllm.gpt.requests import EnginePrompt, code_request
 from chattts_vllm.params import InferCodeParams, InvalidParamsError, RefineTextParams
 from chattts_vllm.serving import metrics
@@ -97,7 +98,10 @@ class SpeechService:
         except FileNotFoundError:
             self.stats = None
         device, dtype = audio_device()
-        coalescer = Coalescer() if audio_coalesce(device) else None
+        # With the audio's CUDA graphs on, coalesced batches are padded to powers of two so a
+        # few graphs per shape serve every number of streams.
+        coalescer = (Coalescer(pad_batches=graphs_enabled_by_env()) if audio_coalesce(device)
+                     else None)
         if coalescer is not None:
             metrics.COALESCERS.add(coalescer)
         threads = threads or audio_threads(coalescer is not None)

@@ -152,6 +152,25 @@ def test_batches_are_capped_in_elements():
     assert sizes == [40, 40, 10]
 
 
+def test_padded_batches_run_on_powers_of_two_with_the_same_rows():
+    """pad_batches: 3 and 5 queued rows run as 4 and 8 (zero rows added, dropped from the results),
+    a lone row stays 1, and a pad that would pass max_elements is skipped."""
+    seen: list[int] = []
+
+    def net(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return x * 3 + 1
+
+    for cap, sizes in ((None, (3, 5)), (7 * 4, (7,))):          # 8 rows of 4 would pass 7 * 4
+        with Coalescer(pad_batches=True, **({"max_elements": cap} if cap else {})) as co:
+            for n in sizes:
+                xs = [torch.full((1, 4), float(i)) for i in range(n)]
+                out = _queue_behind_hold(co, net, xs)
+                assert all(torch.equal(o, x * 3 + 1) for o, x in zip(out, xs))
+            assert torch.equal(co.call(net, torch.ones(1, 4)), torch.full((1, 4), 4.0))
+    assert seen == [4, 8, 1, 7, 1]
+
+
 def test_closed_coalescer_refuses_calls():
     co = Coalescer()
     co.close()
