@@ -3,9 +3,10 @@
     VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/profile_gpt_step.py --batch 512 --frames 200
 
 Runs the ChatTTS engine (or `--stock`, the same-shape Llama) on random full-size weights, warms
-up, then generates one batch three times: plain (ms per step), under a stack sampler (every thread's
-Python stack every `--interval` ms: where host time goes, by area, with little distortion), and
-under torch.profiler (GPU kernel time per step) plus, with `--cprofile`, cProfile (exact call
+up, then generates one batch: plain (ms per step), again at a third of the length (the two split
+the time into ms per step and a fixed cost per batch: arrivals, prefill, collecting results),
+under a stack sampler (every thread's Python stack every `--interval` ms: where host time goes, by
+area, with little distortion), and under torch.profiler (GPU kernel time per step) plus, with `--cprofile`, cProfile (exact call
 counts, but it slows Python ~3x). A diagnosis tool for the throughput work, not a benchmark; run it
 for both engines in one call to compare their host split:
 
@@ -55,11 +56,11 @@ def main() -> None:
 
         llm = LLM(model=args.model or make_stock_llama(tmp / "llama", 20), skip_tokenizer_init=True,
                   **engine_kwargs(b, "bfloat16"))
-        sp = SamplingParams(temperature=0.3, top_p=0.7, top_k=20, repetition_penalty=1.05,
-                            max_tokens=frames, min_tokens=frames, ignore_eos=True, detokenize=False)
         prompts = [{"prompt_token_ids": list(range(20))} for _ in range(b)]
 
-        def run():
+        def run(n: int = frames):
+            sp = SamplingParams(temperature=0.3, top_p=0.7, top_k=20, repetition_penalty=1.05,
+                                max_tokens=n, min_tokens=n, ignore_eos=True, detokenize=False)
             return llm.generate(prompts, sp, use_tqdm=False)
     else:
         from chattts_vllm.checkpoint import convert, write_random_asset
@@ -72,28 +73,42 @@ def main() -> None:
             model = str(convert(tmp / "asset", tmp / "model"))
         tts = ChatTTS(model, **engine_kwargs(b, "bfloat16"))
         texts = [f"utterance {i} of the profile run." for i in range(b)]
-        ps = [InferCodeParams(manual_seed=i, min_new_token=frames, max_new_token=frames) for i in range(b)]
 
-        def run():
+        def run(n: int = frames):
+            ps = [InferCodeParams(manual_seed=i, min_new_token=n, max_new_token=n) for i in range(b)]
             return tts.infer_code(texts, ps, use_tqdm=False)
     run()  # warm-up at full batch
     t0 = time.perf_counter()
     run()
     plain = time.perf_counter() - t0
+    # Two lengths split the batch's time into a per-step slope and a fixed part (arrivals, the
+    # first step's prefill, collecting results): a fixed cost spread over few steps otherwise
+    # looks like per-step overhead.
+    short = max(1, frames // 3)
+    t0 = time.perf_counter()
+    run(short)
+    t_short = time.perf_counter() - t0
+    slope = (plain - t_short) / (frames - short) if frames > short else float("nan")
+    fixed = plain - slope * frames
     sampler = StackSampler(args.interval / 1e3)
     t0 = time.perf_counter()
     with sampler:
         run()
     sampled = time.perf_counter() - t0
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as tp:
+    import torch
+    cuda = torch.cuda.is_available()      # on a CPU machine the table is CPU op time (a smoke run)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as tp:
         run()
-    gpu_us = sum(e.self_device_time_total for e in tp.key_averages())
+    gpu_us = sum((e.self_device_time_total if cuda else e.self_cpu_time_total) for e in tp.key_averages())
     name = "stock" if args.stock else "chattts"
     print(f"\n== {name} batch {b} frames {frames}: {plain / frames * 1e3:.2f} ms/step plain "
           f"({b * frames / FPS / plain:.0f} audio-s/s), {sampled / frames * 1e3:.2f} ms/step sampled, "
-          f"GPU kernels {gpu_us / 1e3 / frames:.2f} ms/step")
-    print(tp.key_averages().table(sort_by="self_device_time_total", row_limit=15))
+          f"{'GPU kernels' if cuda else 'CPU ops'} {gpu_us / 1e3 / frames:.2f} ms/step")
+    print(f"== {name} split from {short} and {frames} frames: {slope * 1e3:.2f} ms per step + "
+          f"{fixed * 1e3:.0f} ms per batch of {b} ({fixed / b * 1e3:.2f} ms per request)")
+    print(tp.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                  row_limit=15))
     sampler.report(frames, args.top)
     if args.cprofile:
         prof = cProfile.Profile()

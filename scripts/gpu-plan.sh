@@ -40,9 +40,9 @@ case "${1:-}" in
   check)
     ( card0 timeout 400 $py benchmarks/bench_throughput.py --batches 1 512 --time-limit 390 \
         > $W/throughput.log 2>&1; echo "throughput rc $?" >> $W/throughput.log
-      card0 timeout 150 $py benchmarks/profile_gpt_step.py --batch 512 --frames 100 --stock \
+      card0 timeout 150 $py benchmarks/profile_gpt_step.py --batch 512 --frames 150 --stock \
         > $W/profile-stock.log 2>&1 ) &
-    ( card1 timeout 200 $py benchmarks/profile_gpt_step.py --batch 512 --frames 100 > $W/profile.log 2>&1
+    ( card1 timeout 200 $py benchmarks/profile_gpt_step.py --batch 512 --frames 150 > $W/profile.log 2>&1
       SERVING_TIMEOUT=330 OUT=$W card1 bash scripts/gpu-check.sh serving --first-chunk-frames 0 12 \
         --tag coalesced > /dev/null 2>&1 ) &
     wait

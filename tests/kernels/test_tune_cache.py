@@ -49,10 +49,15 @@ def _fresh(**tuners: FakeTuner) -> None:
         tc.register(name, t)
 
 
+def _process(**tuners: FakeTuner) -> int:
+    """A new process with these tuners that loads the file: the number of picks restored."""
+    _fresh(**tuners)
+    return tc.load(force=True)
+
+
 def test_round_trip_restores_the_same_config_objects(cache_file):
     a, b = FakeTuner(_configs()), FakeTuner(_configs(), keys=["C"])
-    _fresh(a=a, b=b)
-    assert tc.load(force=True) == 0                          # no file yet
+    assert _process(a=a, b=b) == 0                          # no file yet
     a.cache[(512, 2048, True, "torch.bfloat16")] = a.configs[1]
     a.cache[(2048, 512, False, "torch.bfloat16")] = a.configs[2]
     b.cache[(768,)] = b.configs[0]
@@ -60,8 +65,7 @@ def test_round_trip_restores_the_same_config_objects(cache_file):
     assert cache_file.is_file() and not list(cache_file.parent.glob("*.tmp"))
 
     a2, b2 = FakeTuner(_configs()), FakeTuner(_configs(), keys=["C"])
-    _fresh(a=a2, b=b2)
-    assert tc.load(force=True) == 3
+    assert _process(a=a2, b=b2) == 3
     assert a2.cache == {(512, 2048, True, "torch.bfloat16"): a2.configs[1],
                         (2048, 512, False, "torch.bfloat16"): a2.configs[2]}
     assert b2.cache[(768,)] is b2.configs[0]                 # the live object: its pre_hook included
@@ -72,57 +76,47 @@ def test_round_trip_restores_the_same_config_objects(cache_file):
 
 def test_save_merges_with_the_file(cache_file):
     a = FakeTuner(_configs())
-    _fresh(a=a)
-    tc.load(force=True)
+    _process(a=a)
     a.cache[(1, 2)] = a.configs[0]
     tc.save()
     a2 = FakeTuner(_configs())
-    _fresh(a=a2)
-    tc.load(force=True)
+    _process(a=a2)
     a2.cache[(3, 4)] = a2.configs[2]                          # tuned in the second process
     assert tc.save() == 2
     a3 = FakeTuner(_configs())
-    _fresh(a=a3)
-    tc.load(force=True)
+    _process(a=a3)
     assert a3.cache == {(1, 2): a3.configs[0], (3, 4): a3.configs[2]}
 
 
 def test_nested_and_float_keys_come_back_as_tuples(cache_file):
     a = FakeTuner(_configs())
-    _fresh(a=a)
-    tc.load(force=True)
+    _process(a=a)
     a.cache[(7, (1, "x", False), 0.5, None)] = a.configs[1]
     tc.save()
     a2 = FakeTuner(_configs())
-    _fresh(a=a2)
-    tc.load(force=True)
+    _process(a=a2)
     assert a2.cache == {(7, (1, "x", False), 0.5, None): a2.configs[1]}
 
 
 def test_changed_config_list_ignores_old_entries(cache_file):
     a = FakeTuner(_configs())
-    _fresh(a=a)
-    tc.load(force=True)
+    _process(a=a)
     a.cache[(1, 2)] = a.configs[1]
     tc.save()
     for changed in (FakeTuner(_configs(4)), FakeTuner(_configs(), keys=["K", "N"])):
-        _fresh(a=changed)
-        assert tc.load(force=True) == 0 and changed.cache == {}
+        assert _process(a=changed) == 0 and changed.cache == {}
 
 
 def test_tuner_without_picks_keeps_its_file_entries(cache_file):
     """A process with other configs (CHATTTS_TRITON_AUTOTUNE=0) that tunes nothing drops nothing."""
     a = FakeTuner(_configs())
-    _fresh(a=a)
-    tc.load(force=True)
+    _process(a=a)
     a.cache[(1, 2)] = a.configs[1]
     tc.save()
-    _fresh(a=FakeTuner(_configs()[:1]))
-    tc.load(force=True)
+    _process(a=FakeTuner(_configs()[:1]))
     tc.save()
     a2 = FakeTuner(_configs())
-    _fresh(a=a2)
-    assert tc.load(force=True) == 1
+    assert _process(a=a2) == 1
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"version": 1, "tuners": {"a": 5}}',
@@ -149,8 +143,7 @@ def test_bad_entries_and_indices_are_skipped(cache_file):
     cache_file.parent.mkdir(parents=True)
     cache_file.write_text(json.dumps({"version": 1, "tuners": {"a": {"fingerprint": fp, "picks": [
         [[1, 2], 9], [[3], -1], [[4], "1"], ["x", 0], [[5, [6, [7]]], 2], [[8], 1]]}}}))
-    _fresh(a=a)
-    assert tc.load(force=True) == 2
+    assert _process(a=a) == 2
     assert a.cache == {(5, (6, (7,))): a.configs[2], (8,): a.configs[1]}
 
 
