@@ -24,7 +24,8 @@ from chattts_vllm.serving import metrics
 from chattts_vllm.serving.controls import InvalidInstructionsError, refine_prompt, speed_prompt
 from chattts_vllm.serving.pipeline import SpeechPlan, split_text, warm_up_audio
 from chattts_vllm.serving.protocol import SpeechError, SpeechRequest
-from chattts_vllm.serving.streaming import AudioRunner, SpeechJob, StreamConfig, refine_texts
+from chattts_vllm.serving.streaming import (AudioRunner, SpeechJob, StreamConfig, early_points,
+                                             refine_texts)
 from chattts_vllm.text import normalize, prompt
 from chattts_vllm.text.normalize import Normalizer
 from chattts_vllm.text.prompt import ChatTTSTokenizer
@@ -111,7 +112,8 @@ class SpeechService:
         self.stream_config = StreamConfig.from_env()
         if audio_warm_up(device):
             cfg = self.stream_config
-            early = sorted({f for f in (cfg.first_chunk_frames, WARM_FIRST_CHUNK_FRAMES) if f > 0})
+            early = sorted({n for f in (cfg.first_chunk_frames, WARM_FIRST_CHUNK_FRAMES) if f > 0
+                            for n in early_points(f, self.audio.lookahead)})
             warm_up_audio(self.audio.models, max(cfg.first_block, self.audio.lookahead), cfg.block,
                           tuple(early), self.audio.use_decoder)
             triton_kernels("tune_cache").save()     # the autotune picks: a restart skips tuning

@@ -5,9 +5,11 @@ them back in order. Each `Utterance` iterates `engine_client.generate(...)` in i
 sentences progress while the caller is still on the first; the caller reads frames [start, stop)
 from the side channel once the engine has reported them. Decoder, Vocos and side-channel reads run
 in a thread pool, never on the event loop. The stream equals the one-shot decode unless the
-low-latency first chunk is asked for (`StreamConfig.first_chunk_frames`, request field
+low-latency start is asked for (`StreamConfig.first_chunk_frames`, request field
 `stream_first_chunk_frames`): sentence 1 then starts after F frames instead of the decoders'
-53-frame lookahead, with audio that is exact only after that first chunk and a 43 ms crossfade.
+53-frame lookahead, with early chunks after F, 2F, 4F, ... frames (each decoded as if the sentence
+ended there) until the exact stream can take over; the audio is exact after the last early chunk
+and a 43 ms crossfade.
 
 Cleanup is synchronous (`SpeechJob.close`), because it runs inside a cancelled scope when a client
 disconnects: it cancels the request tasks (AsyncLLM aborts a request whose `generate` is cancelled)
@@ -43,12 +45,14 @@ LATE_CLEANUP_S = (2.0, 10.0, 60.0)
 class StreamConfig:
     """Frames per decoder push. The first push waits for at least the decoders' lookahead.
 
-    `first_chunk_frames` F > 0 (below the lookahead) switches on the low-latency first chunk: once
-    F frames of the first sentence exist, exactly those F are decoded as if the utterance ended
-    there, and most of that audio is sent right away. Everything after the first chunk (and a
-    short crossfade) is the exact stream again, so the whole stream is a function of the request
-    alone, as the exact one is. A sentence shorter than F frames streams exactly. 0 (the default)
-    keeps the whole stream equal to the one-shot decode.
+    `first_chunk_frames` F > 0 (below the lookahead) switches on the low-latency start: once F
+    frames of the first sentence exist, exactly those F are decoded as if the utterance ended
+    there, and most of that audio is sent right away; then again after 2F, 4F, ... frames while
+    that stays below the lookahead (`early_points`), each chunk crossfaded into the previous one,
+    so the client does not fall silent while the exact stream waits for its lookahead. Everything
+    after the last early chunk (and a short crossfade) is the exact stream again, so the whole
+    stream is a function of the request alone, as the exact one is. A sentence shorter than F
+    frames streams exactly. 0 (the default) keeps the whole stream equal to the one-shot decode.
     """
 
     first_block: int = 24
@@ -66,6 +70,19 @@ SAMPLES_PER_FRAME = 512     # 24 kHz audio per GPT frame (2 mel frames x hop 256
 HOLD_BACK_FRAMES = 3        # early-chunk frames not sent: their audio lacks most right context
 CROSSFADE = 1024            # samples (43 ms) blending the early chunk's held-back audio into the exact one
 MIN_FIRST_CHUNK_FRAMES = HOLD_BACK_FRAMES + 1
+
+
+def early_points(first_chunk_frames: int, lookahead: int) -> list[int]:
+    """Frame counts of sentence 1's early chunks: F, 2F, 4F, ... below the decoders' lookahead.
+
+    Each early chunk is a whole-utterance decode of that many frames (bounded: under twice the
+    lookahead), so the audio keeps coming, twice as much each time, while the exact stream waits
+    for its lookahead; one chunk after F frames alone left the client silent for that wait."""
+    early = max(first_chunk_frames, MIN_FIRST_CHUNK_FRAMES)
+    points = [early]
+    while 2 * points[-1] < lookahead:
+        points.append(2 * points[-1])
+    return points
 
 
 class _Splice:
@@ -236,21 +253,24 @@ class SpeechJob:
             dec, start, need = stream_decoder(audio.nets, audio.use_decoder), 0, first
             splice = None
             if i == 0 and 0 < cfg.first_chunk_frames < first:
-                # Exactly `early` frames, however many exist by now: the first chunk (and the
-                # crossfade into the exact stream) then depends only on the request, never on how
-                # far the engine got before this task woke up, and same-step streams share a shape.
-                early = max(cfg.first_chunk_frames, MIN_FIRST_CHUNK_FRAMES)
-                await u.wait(early)
-                u.check()
-                if u.frames >= early:
+                for early in early_points(cfg.first_chunk_frames, audio.lookahead):
+                    # Exactly `early` frames, however many exist by now: the chunk (and the
+                    # crossfades) then depends only on the request, never on how far the engine
+                    # got before this task woke up, and same-step streams share a shape.
+                    await u.wait(early)
+                    u.check()
+                    if u.frames < early:             # the sentence ended first: exact from here
+                        break
                     t_frames = time.perf_counter()
                     wav = await audio.run(self._decode, u, early, audio)
                     cut = SAMPLES_PER_FRAME * (early - HOLD_BACK_FRAMES)
+                    # Audio up to `cut`, crossfaded from the previous early chunk's held-back tail.
+                    piece = wav[:cut] if splice is None else _Splice(splice.start, splice.tail)(wav[:cut])
                     splice = _Splice(cut, wav[cut:cut + CROSSFADE])
-                    # The first exact push: once it reaches a quarter block past the early chunk.
+                    # The first exact push: once it reaches a quarter block past the early audio.
                     need = max(first, early - HOLD_BACK_FRAMES + audio.lookahead + cfg.block // 4)
                     self._stamp_first_audio(t_frames)
-                    yield wav[:cut]
+                    yield piece
             while True:
                 await u.wait(start + need)
                 u.check()

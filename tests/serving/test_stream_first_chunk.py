@@ -18,8 +18,9 @@ from chattts_vllm.audio.checkpoint import (AudioModels, decoder_shapes, load_dec
                                            random_state_dict, vocos_shapes)
 from chattts_vllm.serving.pipeline import decode_utterance, warm_up_audio
 from chattts_vllm.serving.protocol import SpeechError, parse_speech_request
-from chattts_vllm.serving.streaming import (CROSSFADE, HOLD_BACK_FRAMES, SAMPLES_PER_FRAME,
-                                            AudioRunner, SpeechJob, StreamConfig, Utterance)
+from chattts_vllm.serving.streaming import (CROSSFADE, HOLD_BACK_FRAMES, MIN_FIRST_CHUNK_FRAMES,
+                                            SAMPLES_PER_FRAME, AudioRunner, SpeechJob,
+                                            StreamConfig, Utterance, early_points)
 
 
 class FakeUtterance:
@@ -93,23 +94,40 @@ def test_exact_stream_is_the_default_and_waits_for_the_lookahead(audio):
     assert seen[0] >= audio.lookahead
 
 
-@pytest.mark.parametrize("frames", [16, 24])
-def test_early_first_chunk_then_exact(audio, frames):
-    h = _hidden(140, 1)
+def test_early_points_double_below_the_lookahead():
+    assert early_points(12, 53) == [12, 24, 48]
+    assert early_points(16, 53) == [16, 32]
+    assert early_points(24, 53) == [24, 48]          # 48 < 53; 96 is past the lookahead
+    assert early_points(2, 53)[0] == MIN_FIRST_CHUNK_FRAMES
+    assert early_points(40, 53) == [40]
+
+
+@pytest.mark.parametrize("frames", [12, 16, 24])
+def test_early_chunks_then_exact(audio, frames):
+    """Early chunks after F, 2F, 4F, ... frames (each decoded as if the utterance ended there) keep
+    audio coming while the exact stream waits for its lookahead; from the last one's crossfade on,
+    the stream equals the one-shot decode, with no sample lost or doubled."""
+    h = _hidden(160, 1)
     chunks, seen = _run(audio, [h], StreamConfig(first_chunk_frames=frames))
     ref = _oneshot(audio, h)
     got = np.concatenate(chunks)
-    n = len(chunks[0]) // SAMPLES_PER_FRAME + HOLD_BACK_FRAMES      # frames the early chunk used
-    print(f"first chunk after {seen[0]} frames (asked {frames}, decoded {n}); exact needs "
-          f"{audio.lookahead}; early-region max diff {np.abs(got[:len(chunks[0])] - ref[:len(chunks[0])]).max():.3f}")
-    assert len(chunks[0]) % SAMPLES_PER_FRAME == 0 and n == frames
-    assert seen[0] < audio.lookahead                     # it left before the exact stream could
-    assert got.shape == ref.shape                        # no sample lost or doubled at the joint
-    exact_from = len(chunks[0]) + CROSSFADE
+    points = early_points(frames, audio.lookahead)
+    sizes = [len(c) for c in chunks[:len(points)]]
+    ends = [SAMPLES_PER_FRAME * (e - HOLD_BACK_FRAMES) for e in points]
+    print(f"early chunks after {seen[:len(points)]} frames (asked {points}); exact needs "
+          f"{audio.lookahead}; early-region max diff {np.abs(got[:ends[-1]] - ref[:ends[-1]]).max():.3f}")
+    assert np.cumsum(sizes).tolist() == ends          # chunk k carries its audio up to e_k - 3
+    assert all(s < audio.lookahead for s in seen[:len(points)])   # all before the exact stream could
+    assert got.shape == ref.shape
+    exact_from = ends[-1] + CROSSFADE
     assert np.abs(got[exact_from:] - ref[exact_from:]).max() <= 1e-4
-    # the crossfade blends into the exact audio: its last samples are nearly exact already
+    # each crossfade blends into the newer audio: its last samples are nearly the newer decode's
     assert np.abs(got[exact_from - 8:exact_from] - ref[exact_from - 8:exact_from]).max() <= \
         np.abs(ref).max() * 0.05 + 1e-4
+    for e0, e1 in zip(points, points[1:]):           # joint k: the decode of e1 frames takes over
+        newer = _oneshot(audio, h[:e1])
+        j = SAMPLES_PER_FRAME * (e0 - HOLD_BACK_FRAMES) + CROSSFADE
+        assert np.abs(got[j:j + 256] - newer[j:j + 256]).max() <= 1e-4
 
 
 def test_early_chunk_does_not_depend_on_engine_timing(audio):
@@ -121,7 +139,8 @@ def test_early_chunk_does_not_depend_on_engine_timing(audio):
     fast, seen = _run(audio, [h], StreamConfig(first_chunk_frames=12), burst=7)
     assert seen[0] > 12                                   # the engine was past F when it woke up
     assert len(slow[0]) == len(fast[0]) == (12 - HOLD_BACK_FRAMES) * SAMPLES_PER_FRAME
-    np.testing.assert_array_equal(slow[0], fast[0])         # the same early decode, bit for bit
+    for a, b in zip(slow[:3], fast[:3]):                    # the same early decodes, bit for bit
+        np.testing.assert_array_equal(a, b)
     # after it the exact stream's push sizes follow the engine, which moves only float rounding
     assert np.abs(np.concatenate(slow) - np.concatenate(fast)).max() <= 1e-5
 
