@@ -237,3 +237,43 @@ def test_coalesced_streams_equal_alone_on_gpu_triton():
     print(f"coalesced vs alone on CUDA bf16: max rel {err:.2e}; {stats}")
     assert stats.largest >= 4
     assert err <= 1e-2
+
+
+@pytest.mark.gpu
+def test_padded_coalesced_batches_replay_from_graphs_on_gpu():
+    """The served GPU setup with CHATTTS_AUDIO_CUDA_GRAPHS=1: coalesced batches of 3, 5 and 6
+    streams run padded to 4 and 8 rows and replay from per-shape CUDA graphs; each stream equals its
+    solo eager decode (rows are independent: bf16 rounding at worst), and only the padded batch
+    sizes were ever captured."""
+    from audio_upstream import state_dicts
+
+    from chattts_vllm.audio.graphs import disable_cuda_graphs, enable_cuda_graphs
+
+    sd = state_dicts(0)
+    dec = load_decoder(sd["Decoder.safetensors"], device="cuda", dtype=torch.bfloat16)
+    voc = load_vocos(sd["Vocos.safetensors"], device="cuda", dtype=torch.bfloat16)
+    models = AudioModels(decoder=dec, dvae=None, vocos=voc)
+    g = torch.Generator().manual_seed(2)
+    hidden = [torch.randn(24, 768, generator=g).numpy() for _ in range(6)]
+    codes = np.zeros((24, 4), np.int32)
+    alone = [decode_utterance(models, codes, h) for h in hidden]
+    for m in (dec, voc):
+        enable_cuda_graphs(m, min_calls=1)
+    try:
+        with Coalescer(pad_batches=True) as co:
+            nets = coalesced_models(models, co)
+            got = []
+            for n in (3, 5, 6, 3):
+                got += _run_behind_hold(co, [lambda h=h: decode_utterance(nets, codes, h)
+                                             for h in hidden[:n]])
+            shapes = {k[0][0] for k in dec.__dict__["_graph_caches"]["decode_frames"]._graphs}
+            replays = dec.__dict__["_graph_caches"]["decode_frames"].replays
+    finally:
+        for m in (dec, voc):
+            disable_cuda_graphs(m)
+    scale = max(np.abs(a).max() for a in alone)
+    want = [alone[i] for n in (3, 5, 6, 3) for i in range(n)]
+    err = max(np.abs(x - a).max() for x, a in zip(got, want)) / scale
+    print(f"padded + graphs vs alone: max rel {err:.2e}; graph batch sizes {sorted(shapes)}")
+    assert shapes <= {1, 4, 8} and {4, 8} <= shapes and replays >= 4
+    assert err <= 1e-2

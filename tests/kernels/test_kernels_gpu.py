@@ -140,3 +140,43 @@ def test_pointwise_convs_take_the_tma_path(n, cin):
     x = torch.randn(B, T, cin, device="cuda", dtype=torch.bfloat16)
     out = k._empty_rows((B, T, n), torch.bfloat16, x.device)
     assert k._tma_ok(x, out, k._tap_major(w, 8))
+
+
+_TUNE_SCRIPT = """
+import time, torch
+from chattts_vllm.audio.convnext import triton_kernels
+k, tc = triton_kernels("convnext"), triton_kernels("tune_cache")
+x = torch.randn(2, 64, 512, device="cuda", dtype=torch.bfloat16)
+w = torch.randn(1536, 512, device="cuda", dtype=torch.bfloat16)
+t = time.perf_counter()
+k.conv_gemm(x, w, gelu=True)
+torch.cuda.synchronize()
+took = time.perf_counter() - t
+tc.save()
+print("RESULT", sum(len(t.cache) for t in tc._TUNERS.values()), took)
+"""
+
+
+def test_autotune_picks_survive_a_process(tmp_path):
+    """A second process on the same card restores the first one's autotune picks from the file
+    (kernels/tune_cache.py) instead of benchmarking every candidate again."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "CHATTTS_VLLM_TUNE_CACHE": str(tmp_path / "tune.json"),
+           "CHATTTS_TRITON_AUTOTUNE": "1", "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}"}
+
+    def run() -> tuple[int, float]:
+        out = subprocess.run([sys.executable, "-c", _TUNE_SCRIPT], env=env, capture_output=True,
+                             text=True, timeout=600, check=True).stdout
+        line = next(ln for ln in out.splitlines() if ln.startswith("RESULT"))
+        return int(line.split()[1]), float(line.split()[2])
+
+    picks1, took1 = run()
+    picks2, took2 = run()
+    print(f"first process: {picks1} picks in {took1:.2f} s; second: {picks2} picks in {took2:.2f} s")
+    assert (tmp_path / "tune.json").is_file() and picks1 >= 1 and picks2 == picks1
+    assert took2 < took1 / 3
