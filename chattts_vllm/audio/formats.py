@@ -110,6 +110,11 @@ class StreamEncoder:
                                       container_options={"flush_packets": "1"}, buffer_size=4096)
             self._stream = self._container.add_stream(codec, rate=sample_rate, layout="mono")
 
+    @property
+    def cheap(self) -> bool:
+        """wav / pcm: a sample conversion (microseconds), worth no thread hop per chunk."""
+        return self._container is None
+
     def write(self, chunk) -> bytes:
         if self._closed:
             raise RuntimeError("write() after close()")

@@ -85,9 +85,10 @@ async def encoded_stream(service: SpeechService, prepared: Prepared, req: Speech
             if samples == 0 and wav.size and t0 is not None:
                 metrics.observe_first_audio(t0, job)
             samples += wav.size
-            if data := await audio.run(enc.write, wav):
+            # wav / pcm on the loop: a pool round trip per chunk only adds latency and GIL churn.
+            if data := (enc.write(wav) if enc.cheap else await audio.run(enc.write, wav)):
                 yield event(data)
-        if data := await audio.run(enc.close):
+        if data := (enc.close() if enc.cheap else await audio.run(enc.close)):
             yield event(data)
         if sse:
             done = {"type": "speech.audio.done", "usage": job.usage()}

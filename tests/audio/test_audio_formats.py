@@ -62,6 +62,7 @@ def test_stream_roundtrip(fmt):
     parts.append(enc.close())
     assert sum(len(p) for p in parts[:-1]) > 0                             # bytes flow before close
     _check(*_decode(b"".join(parts), fmt), fmt)
+    assert enc.cheap == (fmt in ("wav", "pcm"))      # only those are encoded on the event loop
 
 
 def test_wav_stream_header_unknown_size():
