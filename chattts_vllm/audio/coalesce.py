@@ -8,8 +8,8 @@ network calls have the same shapes and can share one launch sequence on a batch.
 `Coalescer` owns ONE worker thread. `call(fn, x)` enqueues `x` (leading batch dim) and blocks on a
 future; the worker takes the first queued job (blocking), then drains whatever else is queued at
 that moment (no waiting window, so a lone call pays no extra latency), groups the jobs by
-(fn, x.shape[1:], dtype, device, static args), runs each group as one `fn(torch.cat(xs))` and hands
-each caller its rows. A batched call that raises is re-run job by job, so only the callers whose
+(fn, x.shape[1:], dtype, device, static args), runs each group as one `fn(torch.cat(xs))` (groups
+with the smallest rows first) and hands each caller its rows. A batched call that raises is re-run job by job, so only the callers whose
 own input fails get the exception (one bad stream, or a batch too big for memory, fails no other
 stream); groups are split so that no call's inputs exceed `max_elements`; the worker lives on.
 Callers blocked on a future hold no GIL, so the worker launches without contention.
@@ -145,7 +145,9 @@ class Coalescer:
         self.stats.widest = max(self.stats.widest, len(groups))
         self.stats.jobs += len(jobs)
         with torch.inference_mode():
-            for group in groups.values():
+            # Smallest inputs first: a stream's first chunk (a few frames) is what its time to
+            # first audio waits for, and must not queue behind other streams' long pushes.
+            for group in sorted(groups.values(), key=lambda g: g[0].x[:1].numel()):
                 live = [j for j in group if j.future.set_running_or_notify_cancel()]
                 for batch in self._batches(live):
                     self._run_batch(batch)

@@ -171,6 +171,20 @@ def test_padded_batches_run_on_powers_of_two_with_the_same_rows():
     assert seen == [4, 8, 1, 7, 1]
 
 
+def test_smallest_inputs_run_first_in_a_drain():
+    """A first chunk (few frames) queued with other streams' long pushes runs before them."""
+    order: list[int] = []
+
+    def net(x: torch.Tensor) -> torch.Tensor:
+        order.append(x.shape[1])
+        return x
+
+    with Coalescer() as co:
+        xs = [torch.zeros(1, t, 3) for t in (48, 12, 96, 12, 48)]
+        out = _queue_behind_hold(co, net, xs)
+    assert order == [12, 48, 96] and all(torch.equal(o, x) for o, x in zip(out, xs))
+
+
 def test_closed_coalescer_refuses_calls():
     co = Coalescer()
     co.close()
