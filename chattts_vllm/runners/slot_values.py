@@ -68,7 +68,7 @@ class StagedSlotValues:
         ints = np.concatenate([self._host[False][slots], slots[:, None]], axis=1)
         up_i = upload(torch.from_numpy(ints), self.device)
         up_f = upload(torch.from_numpy(self._host[True][slots]), self.device)
-        index = up_i[:, -1]
+        index = up_i[:, -1].contiguous()
         for name, (is_float, c, w) in self._layout.items():
             dst = self.gpu[name]
             src = (up_f if is_float else up_i)[:, c:c + w].reshape(len(slots), *dst.shape[1:])
