@@ -21,13 +21,13 @@ import os
 import pstats
 import sys
 import tempfile
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_throughput import FPS, make_stock_llama  # noqa: E402
+
+from chattts_vllm.stack_sampler import StackSampler  # noqa: E402
 
 
 def engine_kwargs(batch: int, dtype: str) -> dict:
@@ -118,95 +118,6 @@ def main() -> None:
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(args.top)
         print(s.getvalue()[:12000])
-
-
-AREAS = [  # first match wins, innermost frame first: where a sampled moment of host time goes
-    ("chattts glue", "chattts_vllm/runners/"), ("chattts model", "chattts_vllm/gpt/"),
-    ("chattts ops", "chattts_vllm/ops"), ("chattts other", "chattts_vllm/"),
-    ("vllm scheduler", "vllm/v1/core/"), ("vllm model runner", "vllm/v1/worker/"),
-    ("vllm sampler", "vllm/v1/sample/"), ("vllm output processing", "vllm/v1/engine/"),
-    ("vllm attention", "vllm/v1/attention/"), ("vllm other", "vllm/"), ("torch", "torch/"),
-    ("triton", "triton/"),
-]
-
-
-def _area(frame) -> str:
-    while frame is not None:
-        path = frame.f_code.co_filename
-        for area, key in AREAS:
-            if key in path:
-                return area
-        frame = frame.f_back
-    return "other"
-
-
-class StackSampler:
-    """Samples every thread's Python stack at a fixed period (a thread of its own): per thread,
-    the share of samples by area (innermost recognised frame) and the top functions (innermost
-    frame, and inclusive), as ms per step of the sampled run's wall time. A thread blocked in C
-    without the GIL still shows its last Python frame, so a thread's 100 % is wall time, not CPU
-    time. The sampler needs the GIL to look, so the switch interval is cut to the period while it
-    runs (else samples would cluster where the GIL happens to be released)."""
-
-    def __init__(self, period_s: float):
-        self.period = period_s
-        self.areas: dict[str, Counter] = {}
-        self.own: dict[str, Counter] = {}
-        self.incl: dict[str, Counter] = {}
-        self.samples = 0
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        self._switch = sys.getswitchinterval()
-        sys.setswitchinterval(self.period)
-        self._thread = threading.Thread(target=self._run, daemon=True, name="stack-sampler")
-        self.t0 = time.perf_counter()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall = time.perf_counter() - self.t0
-        self._stop.set()
-        self._thread.join()
-        sys.setswitchinterval(self._switch)
-
-    def _run(self) -> None:
-        me = threading.get_ident()
-        names = {t.ident: t.name for t in threading.enumerate()}
-        while not self._stop.wait(self.period):
-            self.samples += 1
-            for ident, frame in sys._current_frames().items():
-                if ident == me:
-                    continue
-                if ident not in names:
-                    names = {t.ident: t.name for t in threading.enumerate()}
-                tname = names.get(ident, str(ident))
-                self.areas.setdefault(tname, Counter())[_area(frame)] += 1
-                code = frame.f_code
-                self.own.setdefault(tname, Counter())[f"{code.co_filename.split('site-packages/')[-1]}:{code.co_name}"] += 1
-                seen, f = set(), frame
-                while f is not None:
-                    key = f"{f.f_code.co_filename.split('site-packages/')[-1]}:{f.f_code.co_name}"
-                    if key not in seen:
-                        seen.add(key)
-                        self.incl.setdefault(tname, Counter())[key] += 1
-                    f = f.f_back
-
-    def report(self, steps: int, top: int) -> None:
-        ms = self.wall * 1e3 / max(1, self.samples)          # wall ms one sample stands for
-        print(f"\nstack sampler: {self.samples} samples over {self.wall:.2f} s "
-              f"({ms:.2f} ms apart, asked {self.period * 1e3:.2f})")
-        for tname, areas in self.areas.items():
-            total = sum(areas.values())
-            print(f"\n-- thread {tname}: {total} samples ({total * ms / steps:.2f} ms/step)")
-            for area, n in areas.most_common():
-                print(f"   {area:24s} {100 * n / total:5.1f} %  {n * ms / steps:6.2f} ms/step")
-            print("   innermost frames:")
-            for key, n in self.own[tname].most_common(min(top, 15)):
-                print(f"     {n * ms / steps:6.2f} ms/step  {key}")
-            print("   inclusive:")
-            for key, n in self.incl[tname].most_common(top):
-                print(f"     {n * ms / steps:6.2f} ms/step  {key}")
 
 
 if __name__ == "__main__":

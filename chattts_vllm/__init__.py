@@ -19,6 +19,11 @@ def register() -> None:
         import faulthandler
 
         faulthandler.dump_traceback_later(float(os.environ["CHATTTS_VLLM_DUMP_STACKS_AFTER"]), repeat=True)
+    if os.environ.get("CHATTTS_VLLM_STACK_SAMPLE"):
+        # Where each vLLM process's host time goes while it serves (chattts_vllm/stack_sampler.py).
+        from chattts_vllm.stack_sampler import start_from_env
+
+        start_from_env()
     from transformers import AutoConfig
     from vllm import ModelRegistry
 

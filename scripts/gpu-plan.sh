@@ -10,7 +10,8 @@
 #   bash scripts/gpu-plan.sh check      # card 0: throughput + stock (same run), then the     (~9 min)
 #                                       #         host profile of stock
 #                                       # card 1: host profile of ChatTTS, then serving TTFA
-#                                       #         (coalesced audio, with its stage breakdown)
+#                                       #         (coalesced audio, with its stage breakdown and
+#                                       #         every server process's stack sample)
 #   bash scripts/gpu-plan.sh scale      # card 0: several engines per GPU (2, 3), bf16 KV   (~9 min)
 #                                       # card 1: serving TTFA with the audio's CUDA graphs on
 #                                       #         (coalesced batches padded to powers of two)
@@ -43,8 +44,9 @@ case "${1:-}" in
       card0 timeout 150 $py benchmarks/profile_gpt_step.py --batch 512 --frames 150 --stock \
         > $W/profile-stock.log 2>&1 ) &
     ( card1 timeout 200 $py benchmarks/profile_gpt_step.py --batch 512 --frames 150 > $W/profile.log 2>&1
-      SERVING_TIMEOUT=330 OUT=$W card1 bash scripts/gpu-check.sh serving --first-chunk-frames 0 12 \
-        --tag coalesced > /dev/null 2>&1 ) &
+      CHATTTS_VLLM_STACK_SAMPLE=$W/stacks CHATTTS_VLLM_STACK_SAMPLE_MS=5 SERVING_TIMEOUT=330 OUT=$W \
+        card1 bash scripts/gpu-check.sh serving --first-chunk-frames 0 12 --tag coalesced > /dev/null 2>&1
+      cat $W/stacks.*.txt > $W/server-stacks.log 2>/dev/null; rm -f $W/stacks.*.txt ) &
     wait
     quiet $W/throughput.log | grep -A4 "^ batch"; tail -1 $W/throughput.log
     serving_table
