@@ -95,6 +95,9 @@ class StackSampler:
                         seen.add(key)
                         self.incl.setdefault(tname, Counter())[key] += 1
                     f = f.f_back
+            # Hold no frame between samples: a frame keeps its locals alive (e.g. a numpy view
+            # of a memory map that its owner is about to close).
+            frame = f = None
 
     def report_text(self, steps: int = 1, top: int = 30, unit: str = "ms/step") -> str:
         """The report; times are wall ms per `steps` (1: ms over the whole sampled run)."""

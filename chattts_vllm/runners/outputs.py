@@ -72,10 +72,20 @@ class FrameWriter:
         # A request that re-enters the batch reopens its file: never shrink what is there.
         self._grow(max(capacity, os.fstat(self.fd).st_size // (self.words * 4)))
 
-    def _grow(self, capacity: int) -> None:
+    def _unmap(self) -> None:
+        """Drop the mapping. A row view still alive elsewhere (a traceback's or a profiler's
+        frame locals) makes `mmap.close` raise BufferError; the mapping then goes when that view
+        does, and the worker must not die of it."""
         self.rows = None
         if self.map is not None:
-            self.map.close()
+            try:
+                self.map.close()
+            except BufferError:
+                pass
+            self.map = None
+
+    def _grow(self, capacity: int) -> None:
+        self._unmap()
         os.ftruncate(self.fd, capacity * self.words * 4)
         self.map = mmap.mmap(self.fd, capacity * self.words * 4)
         self.rows = np.frombuffer(self.map, dtype=np.int32).reshape(capacity, self.words)
@@ -103,8 +113,7 @@ class FrameWriter:
 
     def close(self) -> None:
         if self.fd >= 0:
-            self.rows = None
-            self.map.close()
+            self._unmap()
             os.close(self.fd)
             self.fd = -1
 

@@ -57,6 +57,27 @@ def test_overwrite_keeps_the_last_record():
     np.testing.assert_array_equal(h[0], hidden[1])
 
 
+def test_close_and_growth_survive_a_live_row_view():
+    """A view of the map kept alive elsewhere (a traceback's or a profiler's frame locals: it
+    crashed a CPU server's worker under the stack sampler) must not make close or growth raise;
+    the records stay readable and the writer's file descriptor is released."""
+    key = new_key()
+    codes, hidden = _frames(40)
+    w = FrameWriter(key, capacity=4)
+    w.write(0, codes[0], hidden[0])
+    held = w.rows[0]                            # a row view outliving the mapping it came from
+    for i in range(1, 40):                      # grows (remaps) with the old view alive
+        w.write(i, codes[i], hidden[i])
+    held2 = w.rows[1]
+    w.close()
+    assert w.fd == -1 and w.map is None
+    c, h = FrameReader(key).read(0, 40)
+    np.testing.assert_array_equal(c, codes)
+    np.testing.assert_array_equal(h, hidden)
+    assert held[0] == 1 and held2[0] == 2       # the views still read their (old) pages
+    del held, held2
+
+
 def test_reader_waits_for_late_frames_and_times_out_on_missing_ones():
     key = new_key()
     codes, hidden = _frames(3)
