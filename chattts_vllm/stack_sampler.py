@@ -30,7 +30,17 @@ ENV = "CHATTTS_VLLM_STACK_SAMPLE"
 ENV_PERIOD = "CHATTTS_VLLM_STACK_SAMPLE_MS"
 
 
+# Innermost frames of a thread that is blocked, not working: the event loop's select, a thread
+# waiting on a lock, condition, queue or zmq poll. Their samples are "waiting", whatever called.
+WAITS = (("selectors.py", "select"), ("threading.py", "wait"), ("queue.py", "get"),
+         ("zmq/sugar/poll.py", "poll"), ("concurrent/futures/_base.py", "result"),
+         ("vllm/distributed/utils.py", "sched_yield"))
+
+
 def _area(frame) -> str:
+    code = frame.f_code
+    if any(code.co_filename.endswith(f) and code.co_name == n for f, n in WAITS):
+        return "waiting"
     while frame is not None:
         path = frame.f_code.co_filename
         for area, key in AREAS:

@@ -36,6 +36,19 @@ def test_busy_thread_is_attributed_to_its_area():
     assert "-- thread busy" in text and "chattts serving" in text and "fake.py:<module>" in text
 
 
+def test_blocked_thread_counts_as_waiting():
+    ev = threading.Event()
+    t = threading.Thread(target=ev.wait, name="blocked")
+    t.start()
+    try:
+        with StackSampler(0.002) as s:
+            time.sleep(0.1)
+    finally:
+        ev.set()
+        t.join()
+    assert s.areas["blocked"].most_common(1)[0][0] == "waiting"
+
+
 def test_area_walks_out_to_the_first_known_frame():
     frame = sys._getframe()          # this test's file is under tests/: no area of its own
     assert _area(frame) == "other"
