@@ -50,7 +50,8 @@ case "${1:-}" in
     wait
     quiet $W/throughput.log | grep -A4 "^ batch"; tail -1 $W/throughput.log
     serving_table
-    grep -h "^== \|^-- thread\|^   [a-z]" $W/profile*.log | head -60 ;;
+    grep -h "^== \|^-- thread\|^   [a-z]" $W/profile*.log | head -60
+    grep -h "^pid \|^-- thread MainThread\|^   [a-z]" $W/server-stacks.log 2>/dev/null | cut -c1-90 | head -40 ;;
   scale)
     ( card0 timeout 560 $py benchmarks/bench_throughput.py --engines 2 3 --batches 512 --skip-stock \
         --time-limit 550 > $W/engines.log 2>&1; echo "engines rc $?" >> $W/engines.log ) &
