@@ -60,7 +60,8 @@ case "${1:-}" in
     wait
     grep -h "round\|best\|rc " $W/engines*.log; serving_table ;;
   extra)
-    ( card0 timeout 200 $py benchmarks/bench_decoder.py > $W/decoder.log 2>&1; echo "decoder rc $?" >> $W/decoder.log
+    ( card0 timeout 260 $py benchmarks/bench_decoder.py --impls eager compile triton triton-graph compile-reduce-overhead \
+        > $W/decoder.log 2>&1; echo "decoder rc $?" >> $W/decoder.log
       card0 timeout 300 $py -m pytest -q -m gpu tests/gpu/test_serve_gpu.py > $W/pytest-serve.log 2>&1
       echo "pytest serve rc $?" >> $W/pytest-serve.log ) &
     ( card1 timeout 300 $py -m pytest -q -m gpu tests/kernels tests/audio tests/runners > $W/pytest-gpu.log 2>&1
