@@ -19,16 +19,22 @@ def _spin_in_serving_code(stop: threading.Event) -> None:
     exec(code, {"stop": stop})
 
 
-def test_busy_thread_is_attributed_to_its_area():
+def _sample_thread(target, name: str, seconds: float) -> StackSampler:
+    """Samples for `seconds` while thread `name` runs `target(stop)`; stops and joins it after."""
     stop = threading.Event()
-    t = threading.Thread(target=_spin_in_serving_code, args=(stop,), name="busy")
+    t = threading.Thread(target=target, args=(stop,), name=name)
     t.start()
     try:
         with StackSampler(0.002) as s:
-            time.sleep(0.3)
+            time.sleep(seconds)
     finally:
         stop.set()
         t.join()
+    return s
+
+
+def test_busy_thread_is_attributed_to_its_area():
+    s = _sample_thread(_spin_in_serving_code, "busy", 0.3)
     assert s.samples > 20
     busy = s.areas["busy"]
     assert busy.most_common(1)[0][0] == "chattts serving"
@@ -37,15 +43,7 @@ def test_busy_thread_is_attributed_to_its_area():
 
 
 def test_blocked_thread_counts_as_waiting():
-    ev = threading.Event()
-    t = threading.Thread(target=ev.wait, name="blocked")
-    t.start()
-    try:
-        with StackSampler(0.002) as s:
-            time.sleep(0.1)
-    finally:
-        ev.set()
-        t.join()
+    s = _sample_thread(lambda stop: stop.wait(), "blocked", 0.1)
     assert s.areas["blocked"].most_common(1)[0][0] == "waiting"
 
 

@@ -26,13 +26,12 @@ from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 from vllm.logger import init_logger
 
 from chattts_vllm import ARCHITECTURE
-from chattts_vllm.audio.formats import MEDIA_TYPES, StreamEncoder, encode_audio
+from chattts_vllm.audio.formats import MEDIA_TYPES, SAMPLE_RATE, StreamEncoder, encode_audio
 from chattts_vllm.serving import metrics
 from chattts_vllm.serving.protocol import SpeechError, SpeechRequest, parse_speech_request
 from chattts_vllm.serving.service import Prepared, SpeechService
 from chattts_vllm.text.speaker import VOICES
 
-SAMPLE_RATE = 24000
 
 logger = init_logger(__name__)
 STATE_KEY = "chattts_speech"

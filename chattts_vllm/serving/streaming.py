@@ -75,8 +75,8 @@ MIN_FIRST_CHUNK_FRAMES = HOLD_BACK_FRAMES + 1
 def early_points(first_chunk_frames: int, lookahead: int) -> list[int]:
     """Frame counts of sentence 1's early chunks: F, 2F, 4F, ... below the decoders' lookahead.
 
-    Each early chunk is a whole-utterance decode of that many frames (bounded: under twice the
-    lookahead), so the audio keeps coming, twice as much each time, while the exact stream waits
+    Each early chunk is a whole-utterance decode of that many frames (bounded: at most
+    max(F, lookahead) frames), so the audio keeps coming, twice as much each time, while the exact stream waits
     for its lookahead; one chunk after F frames alone left the client silent for that wait."""
     early = max(first_chunk_frames, MIN_FIRST_CHUNK_FRAMES)
     points = [early]
