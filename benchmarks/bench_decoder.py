@@ -243,7 +243,9 @@ def main() -> None:
     ap.add_argument("--compile-mode", default="default", help='torch.compile mode of the "compile" row')
     ap.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown")
     ap.add_argument("--profile", action="store_true",
-                    help="torch.profiler on one Triton call at batch 32: top-25 CUDA kernels")
+                    help="torch.profiler on one call per --profile-impls: top-25 CUDA kernels")
+    ap.add_argument("--profile-batch", type=int, default=None,
+                    help="the batch to profile (default: 32 if swept, else the first)")
     ap.add_argument("--profile-impls", nargs="+", default=["triton"])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
@@ -295,7 +297,8 @@ def main() -> None:
                                  first_call_s=first_s, max_rel_err_vs_first=err,
                                  cuda_graph=name == "triton-graph" or mode == "reduce-overhead",
                                  compile_mode=mode, stages_ms=stage_ms))
-            if args.profile and device.type == "cuda" and batch == (32 if 32 in batches else batches[0]):
+            want = args.profile_batch or (32 if 32 in batches else batches[0])
+            if args.profile and device.type == "cuda" and batch == want:
                 for name in args.profile_impls:
                     if name in impls:
                         print(f"\n== profile: {name}, batch {batch}")

@@ -73,7 +73,7 @@ class StackSampler:
 
     def __enter__(self):
         self._switch = sys.getswitchinterval()
-        sys.setswitchinterval(self.period)
+        sys.setswitchinterval(min(self.period, self._switch))     # never longer than it was
         self._thread = threading.Thread(target=self._run, daemon=True, name="stack-sampler")
         self.t0 = time.perf_counter()
         self._thread.start()

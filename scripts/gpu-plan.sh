@@ -18,6 +18,14 @@
 #   bash scripts/gpu-plan.sh extra      # card 0: decoder bench, then the GPU server test   (~9 min)
 #                                       # card 1: serving TTFA, engine core in the server process
 #   bash scripts/gpu-plan.sh ray        # both cards: Ray Serve 1 -> 2 replicas               (~5 min)
+#   bash scripts/gpu-plan.sh measure    # card 0: throughput + stock, then the ChatTTS host   (~9 min)
+#                                       #         profile (per step vs per batch)
+#                                       # card 1: serving TTFA with the audio's CUDA graphs
+#                                       #         (F = 0, 6, 12), then the decoder bench with
+#                                       #         compile reduce-overhead and a batch-128 profile
+#   bash scripts/gpu-plan.sh verify     # card 0: GPU tests (kernels, audio, runners), MRv2   (~9 min)
+#                                       #         parity, the GPU server test
+#                                       # card 1: several engines per GPU (2, 3)
 set -u
 cd "$(dirname "$0")/.."
 ROOT=${OUT:-/tmp/gpu-out}; mkdir -p "$ROOT/w"
@@ -70,9 +78,37 @@ case "${1:-}" in
     wait
     quiet $W/decoder.log | grep -A10 "^impl "; tail -1 $W/decoder.log
     tail -2 $W/pytest-gpu.log; grep -E "passed|failed" $W/pytest-mrv2.log | tail -1; tail -2 $W/pytest-serve.log ;;
+  measure)
+    ( card0 timeout 400 $py benchmarks/bench_throughput.py --batches 1 512 --time-limit 390 \
+        > $W/throughput.log 2>&1; echo "throughput rc $?" >> $W/throughput.log
+      card0 timeout 140 $py benchmarks/profile_gpt_step.py --batch 512 --frames 150 \
+        > $W/profile.log 2>&1 ) &
+    ( CHATTTS_AUDIO_CUDA_GRAPHS=1 CHATTTS_VLLM_STACK_SAMPLE=$W/stacks CHATTTS_VLLM_STACK_SAMPLE_MS=5 \
+        SERVING_TIMEOUT=330 OUT=$W card1 bash scripts/gpu-check.sh serving --first-chunk-frames 0 6 12 \
+        --tag graphs > /dev/null 2>&1
+      cat $W/stacks.*.txt > $W/server-stacks.log 2>/dev/null; rm -f $W/stacks.*.txt
+      card1 timeout 200 $py benchmarks/bench_decoder.py --impls eager compile triton triton-graph \
+        compile-reduce-overhead --profile --profile-batch 128 --profile-impls triton compile \
+        > $W/decoder.log 2>&1; echo "decoder rc $?" >> $W/decoder.log ) &
+    wait
+    quiet $W/throughput.log | grep -A4 "^ batch"; tail -1 $W/throughput.log
+    grep -h "^== " $W/profile.log
+    serving_table
+    quiet $W/decoder.log | grep -A12 "^impl "; tail -1 $W/decoder.log ;;
+  verify)
+    ( card0 timeout 240 $py -m pytest -q -m gpu tests/kernels tests/audio tests/runners > $W/pytest-gpu.log 2>&1
+      echo "pytest rc $?" >> $W/pytest-gpu.log
+      MRV2_TIMEOUT=150 OUT=$W card0 bash scripts/gpu-check.sh mrv2 > /dev/null 2>&1
+      card0 timeout 170 $py -m pytest -q -m gpu tests/gpu/test_serve_gpu.py > $W/pytest-serve.log 2>&1
+      echo "pytest serve rc $?" >> $W/pytest-serve.log ) &
+    ( card1 timeout 560 $py benchmarks/bench_throughput.py --engines 2 3 --batches 512 --skip-stock \
+        --time-limit 550 > $W/engines.log 2>&1; echo "engines rc $?" >> $W/engines.log ) &
+    wait
+    tail -2 $W/pytest-gpu.log; grep -E "passed|failed" $W/pytest-mrv2.log | tail -1; tail -2 $W/pytest-serve.log
+    grep -h "round\|best\|rc " $W/engines*.log ;;
   ray)
     RAY_TIMEOUT=420 OUT=$W bash scripts/gpu-check.sh ray | tail -8 ;;
-  *) echo "usage: $0 build|check|scale|extra|ray"; exit 2 ;;
+  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify"; exit 2 ;;
 esac
 find benchmarks/results -maxdepth 1 -newer "$stamp" \( -name '*.json' -o -name '*.png' \) -exec cp -f {} $W/ \;
 rm -f "$stamp"
