@@ -95,7 +95,8 @@ class ChatTTSModelState(DefaultModelState):
         self.slot_of[new_req_data.req_id] = slot
         self.is_chattts_np[slot] = req is not None
         self.is_code_np[slot] = req is not None and req.mode == "code"
-        self.sink.open(slot, req.sink if self.is_code_np[slot] else None)
+        self.sink.open(slot, req.sink if self.is_code_np[slot] else None,
+                       new_req_data.sampling_params.max_tokens)   # sizes the file once
         if req is None:
             self.values.stage(slot, is_code=False)
             return

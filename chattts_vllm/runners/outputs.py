@@ -33,10 +33,18 @@ logger = logging.getLogger(__name__)
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 
 
+_DIRS: dict[str | None, Path] = {}     # CHATTTS_VLLM_FRAME_DIR's value -> the directory, made once
+DEFAULT_CAPACITY = 256                  # records a writer maps when its request's length is unknown
+
+
 def frame_dir() -> Path:
-    default = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-    d = Path(os.environ.get("CHATTTS_VLLM_FRAME_DIR", os.path.join(default, "chattts-vllm-frames")))
-    d.mkdir(parents=True, exist_ok=True)
+    env = os.environ.get("CHATTTS_VLLM_FRAME_DIR")
+    d = _DIRS.get(env)
+    if d is None:
+        default = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        d = Path(env if env is not None else os.path.join(default, "chattts-vllm-frames"))
+        d.mkdir(parents=True, exist_ok=True)
+        _DIRS[env] = d
     return d
 
 
@@ -55,22 +63,42 @@ def record_size(hidden_size: int = HIDDEN_SIZE) -> int:
     return 4 * (1 + NUM_VQ + hidden_size)
 
 
+def _open_file(path: Path) -> tuple[int, int]:
+    """(descriptor, size) of the writer's file, created if missing. A new file is the common case
+    and needs no fstat (each syscall here is a GIL hand-off of the sink thread)."""
+    for attempt in range(2):
+        try:
+            try:
+                return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), 0
+            except FileExistsError:                # a re-added request reopens its file
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                return fd, os.fstat(fd).st_size
+        except FileNotFoundError:                  # the directory went since frame_dir made it
+            if attempt:
+                raise
+            path.parent.mkdir(parents=True, exist_ok=True)
+    raise AssertionError("unreachable")
+
+
 class FrameWriter:
     """Worker side: one memory-mapped file per running request.
 
     A record is stored as plain array assignments (no per-frame syscall or byte building, which
     matters at 512 rows a step): payload first, then its marker, so a reader that sees the marker
-    sees the payload. The file grows by doubling; tmpfs keeps untouched pages unallocated.
+    sees the payload. `capacity` is a hint, in records: the worker passes the request's
+    `max_tokens`, so the file is sized once (tmpfs keeps untouched pages unallocated, so a large
+    hint costs no memory). Past it the file grows by doubling.
     """
 
-    def __init__(self, key: str, hidden_size: int = HIDDEN_SIZE, capacity: int = 256):
+    def __init__(self, key: str, hidden_size: int = HIDDEN_SIZE, capacity: int | None = None):
         self.words = record_size(hidden_size) // 4
-        self.fd = os.open(frame_path(key), os.O_RDWR | os.O_CREAT, 0o600)
+        self.fd, size = _open_file(frame_path(key))
         self.map: mmap.mmap | None = None
         self.rows: np.ndarray | None = None       # [capacity, words] int32 view of the file
         self.capacity = 0
+        want = capacity if capacity is not None and capacity > 0 else DEFAULT_CAPACITY
         # A request that re-enters the batch reopens its file: never shrink what is there.
-        self._grow(max(capacity, os.fstat(self.fd).st_size // (self.words * 4)))
+        self._map(max(want, size // (self.words * 4)), size)
 
     def _unmap(self) -> None:
         """Drop the mapping. A row view still alive elsewhere (a traceback's or a profiler's
@@ -84,12 +112,31 @@ class FrameWriter:
                 pass
             self.map = None
 
-    def _grow(self, capacity: int) -> None:
-        self._unmap()
-        os.ftruncate(self.fd, capacity * self.words * 4)
-        self.map = mmap.mmap(self.fd, capacity * self.words * 4)
+    def _map(self, capacity: int, size: int) -> None:
+        """Map `capacity` records of the file, now `size` bytes long (extended, never cut)."""
+        nbytes = capacity * self.words * 4
+        if size < nbytes:
+            os.ftruncate(self.fd, nbytes)
+        self.map = mmap.mmap(self.fd, nbytes)
+        self._view(capacity)
+
+    def _view(self, capacity: int) -> None:
         self.rows = np.frombuffer(self.map, dtype=np.int32).reshape(capacity, self.words)
         self.capacity = capacity
+
+    def _grow(self, capacity: int) -> None:
+        self.rows = None
+        if self.map is not None:
+            try:
+                # ftruncate + mremap: the pages written so far stay mapped (no fault on them again).
+                self.map.resize(capacity * self.words * 4)
+            except (BufferError, OSError, SystemError):   # a live row view, or no mremap
+                pass
+            else:
+                self._view(capacity)
+                return
+        self._unmap()
+        self._map(capacity, os.fstat(self.fd).st_size)
 
     def _row(self, index: int) -> np.ndarray:
         self.reserve(index)
@@ -118,6 +165,18 @@ class FrameWriter:
             self.fd = -1
 
 
+_HAS_PREADV = hasattr(os, "preadv")
+
+
+def _read_into(fd: int, buf: np.ndarray, offset: int) -> int:
+    """Bytes of the file at `offset` read straight into the contiguous array `buf`."""
+    if _HAS_PREADV:
+        return os.preadv(fd, [buf], offset)
+    data = os.pread(fd, buf.nbytes, offset)
+    memoryview(buf).cast("B")[:len(data)] = data
+    return len(data)
+
+
 class FrameReader:
     """Front-end side: reads frames as the engine reports them; `close` removes the file."""
 
@@ -127,39 +186,54 @@ class FrameReader:
         self.record = record_size(hidden_size)
 
     def read(self, start: int, stop: int, timeout: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
-        """Frames [start, stop): codes [n, 4] int32 and hidden states [n, hidden] float32.
+        """Frames [start, stop): codes [n, 4] int32 and hidden states [n, hidden] float32, both
+        C-contiguous arrays of their own.
 
         On the GPU path a background thread writes each step's frames just after the engine
         reports them, so a frame may be a moment late: wait (bounded) until every record in the
-        range carries its marker.
+        range carries its marker. The common case (every frame there) is one read syscall into
+        one array; a wait re-reads only from the first record still missing.
         """
         n = max(0, stop - start)
         if n == 0:
             return np.zeros((0, NUM_VQ), np.int32), np.zeros((0, self.hidden_size), np.float32)
+        rec = np.empty((n, self.record // 4), np.int32)
         want = np.arange(start + 1, stop + 1, dtype=np.int32)
         deadline, delay = time.monotonic() + timeout, 5e-5
-        while True:
-            rec = self._load(start, n)
-            if rec is not None and np.array_equal(rec[:, 0], want):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"frame side channel {self.path} holds fewer than {stop} frames")
-            time.sleep(delay)
-            # The sink is about one step behind: poll at most 1 ms apart, so a wait overshoots the
-            # write by under 1 ms (a stream's first chunk pays this in its time to first audio).
-            delay = min(delay * 2, 1e-3)
-        return rec[:, 1:1 + NUM_VQ].copy(), rec[:, 1 + NUM_VQ:].copy().view(np.float32)
-
-    def _load(self, start: int, n: int) -> np.ndarray | None:
+        done, fd = 0, -1                  # records [0, done) of the range are read and marked
         try:
-            with open(self.path, "rb") as f:
-                f.seek(start * self.record)
-                buf = f.read(n * self.record)
-        except FileNotFoundError:
-            return None
-        if len(buf) != n * self.record:
-            return None
-        return np.frombuffer(buf, dtype=np.int32).reshape(n, self.record // 4)
+            while True:
+                if fd < 0:
+                    try:
+                        fd = os.open(self.path, os.O_RDONLY)
+                    except FileNotFoundError:
+                        pass
+                if fd >= 0:
+                    done = self._fill(fd, rec, start, done, want)
+                    if done == n:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"frame side channel {self.path} holds fewer than {stop} frames")
+                time.sleep(delay)
+                # The sink is about one step behind: poll at most 1 ms apart, so a wait overshoots
+                # the write by under 1 ms (a stream's first chunk pays this in its time to first audio).
+                delay = min(delay * 2, 1e-3)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        return rec[:, 1:1 + NUM_VQ].copy(), np.ascontiguousarray(rec[:, 1 + NUM_VQ:]).view(np.float32)
+
+    def _fill(self, fd: int, rec: np.ndarray, start: int, done: int, want: np.ndarray) -> int:
+        """Read records [done, n) of the range into `rec`; the new count of leading records that
+        carry their marker."""
+        n, pos = len(rec), done
+        while pos < n:
+            rows = _read_into(fd, rec[pos:], (start + pos) * self.record) // self.record
+            if rows == 0:                 # end of file: the writer has not sized it that far
+                break
+            pos += rows
+        bad = np.flatnonzero(rec[done:pos, 0] != want[done:pos])
+        return done + (int(bad[0]) if bad.size else pos - done)
 
     def close(self) -> None:
         try:
@@ -210,8 +284,10 @@ class FrameSinkThread:
         self.write = _native_writer() if native is None else (native or None)   # False: the twin
         threading.Thread(target=self._run, daemon=True, name="chattts-frame-sink").start()
 
-    def open(self, slot: int, key: str | None) -> None:
-        self.jobs.put(("open", slot, key))
+    def open(self, slot: int, key: str | None, capacity: int | None = None) -> None:
+        """Slot `slot` now writes to `key`'s file (None: to none); `capacity`: the request's
+        max_tokens, so the file is sized once."""
+        self.jobs.put(("open", slot, (key, capacity)))
 
     def close(self, slot: int) -> None:
         self.jobs.put(("close", slot, None))
@@ -228,12 +304,12 @@ class FrameSinkThread:
         self.base[slot] = w.base if w is not None else 0
         self.capacity[slot] = w.capacity if w is not None else 0
 
-    def _open(self, slot: int, key: str | None) -> None:
+    def _open(self, slot: int, key: str | None, capacity: int | None = None) -> None:
         old = self.writers.pop(slot, None)
         if old is not None:
             old.close()
         if key is not None:
-            self.writers[slot] = FrameWriter(key)
+            self.writers[slot] = FrameWriter(key, capacity=capacity)
         self._track(slot)
 
     def _close(self, slot: int) -> None:
@@ -265,7 +341,7 @@ class FrameSinkThread:
             kind, a, b = self.jobs.get()
             try:
                 if kind == "open":
-                    self._open(a, b)
+                    self._open(a, *b)
                 elif kind == "close":
                     self._close(a)
                 else:

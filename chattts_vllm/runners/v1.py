@@ -54,7 +54,8 @@ class RequestFrames:
                              if req.prompt_codes else None)
         self.speaker = (torch.tensor(req.speaker, dtype=torch.float32)
                         if req.speaker is not None and req.spk_position is not None else None)
-        self.writer = FrameWriter(req.sink) if self.is_code and req.sink else None
+        self.writer = (FrameWriter(req.sink, capacity=max_tokens)    # sized once
+                       if self.is_code and req.sink else None)
 
     @property
     def num_generated(self) -> int:
