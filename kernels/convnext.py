@@ -177,33 +177,14 @@ def _linear_tile(a_desc, w_desc, om, on, K, PRECISION: tl.constexpr, BLOCK_M: tl
 
 
 @triton.jit
-def _linear_store_part(acc, r_desc, o_desc, om, on, N, bias_ptr, scale_ptr, GELU: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr,
-                       SPEC: tl.constexpr, WIDTH: tl.constexpr):
-    rn = on + tl.arange(0, WIDTH)
+def _linear_store(acc, r_desc, o_desc, om, on, N, bias_ptr, scale_ptr, GELU: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr,
+                  SPEC: tl.constexpr, BLOCK_N: tl.constexpr):
+    rn = on + tl.arange(0, BLOCK_N)
     acc = _epilogue(acc, rn, rn < N, bias_ptr, scale_ptr, GELU, HAS_BIAS, HAS_SCALE, SPEC)
     if HAS_RES:
         acc += r_desc.load([om, on]).to(tl.float32)
     o_desc.store([om, on], acc.to(o_desc.dtype))
-
-
-@triton.jit
-def _linear_store(acc, r_desc, o_desc, om, on, N, bias_ptr, scale_ptr, GELU: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr,
-                  SPEC: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr):
-    # SUB = 2: the epilogue runs on two column halves (the store boxes are half as wide). Its
-    # shared-memory staging and live registers halve, which is what lets 128x256 tiles (the
-    # tensor cores' best shape here) fit with 3 pipeline stages; SUB = 1 stores the whole tile.
-    if SUB == 2:
-        half = tl.permute(tl.reshape(acc, (acc.shape[0], 2, BLOCK_N // 2)), (0, 2, 1))
-        left, right = tl.split(half)
-        _linear_store_part(left, r_desc, o_desc, om, on, N, bias_ptr, scale_ptr, GELU, HAS_BIAS,
-                           HAS_SCALE, HAS_RES, SPEC, BLOCK_N // 2)
-        _linear_store_part(right, r_desc, o_desc, om, on + BLOCK_N // 2, N, bias_ptr, scale_ptr,
-                           GELU, HAS_BIAS, HAS_SCALE, HAS_RES, SPEC, BLOCK_N // 2)
-    else:
-        _linear_store_part(acc, r_desc, o_desc, om, on, N, bias_ptr, scale_ptr, GELU, HAS_BIAS,
-                           HAS_SCALE, HAS_RES, SPEC, BLOCK_N)
 
 
 @triton.jit
@@ -216,7 +197,7 @@ def _linear_tma_kernel(
     GELU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr,
     SPEC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PERSISTENT: tl.constexpr, OCC: tl.constexpr, SUB: tl.constexpr,
+    PERSISTENT: tl.constexpr, OCC: tl.constexpr,
 ):
     # PERSISTENT: a grid of OCC programs per SM, each looping over tiles. The flattened loop nest is
     # software-pipelined across tiles, so the next tile's TMA loads are in flight during this tile's
@@ -233,13 +214,13 @@ def _linear_tma_kernel(
             tile_c += step
             pid_m, pid_n = _tile_coords(tile_c, M, N, BLOCK_M, BLOCK_N, GROUP_M)
             _linear_store(acc, r_desc, o_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, N, bias_ptr,
-                          scale_ptr, GELU, HAS_BIAS, HAS_SCALE, HAS_RES, SPEC, BLOCK_N, SUB)
+                          scale_ptr, GELU, HAS_BIAS, HAS_SCALE, HAS_RES, SPEC, BLOCK_N)
     else:
         pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = _linear_tile(a_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K, PRECISION,
                            BLOCK_M, BLOCK_N, BLOCK_K)
         _linear_store(acc, r_desc, o_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, N, bias_ptr, scale_ptr,
-                      GELU, HAS_BIAS, HAS_SCALE, HAS_RES, SPEC, BLOCK_N, SUB)
+                      GELU, HAS_BIAS, HAS_SCALE, HAS_RES, SPEC, BLOCK_N)
 
 
 @triton.jit
@@ -314,8 +295,8 @@ def _set_linear_boxes(nargs: dict) -> None:
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["a_desc"].block_shape = [bm, bk]
     nargs["w_desc"].block_shape = [bn, bk]
-    nargs["r_desc"].block_shape = [bm, bn // nargs.get("SUB", 1)]     # the epilogue's store boxes
-    nargs["o_desc"].block_shape = [bm, bn // nargs.get("SUB", 1)]
+    nargs["r_desc"].block_shape = [bm, bn]
+    nargs["o_desc"].block_shape = [bm, bn]
 
 
 def _set_conv_boxes(nargs: dict) -> None:
@@ -326,12 +307,12 @@ def _set_conv_boxes(nargs: dict) -> None:
 
 
 def _configs(shapes, hook=None, group: bool = True) -> list[triton.Config]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, PERSISTENT, OCC[, SUB]]) tuples → configs."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, PERSISTENT, OCC]) tuples → configs."""
     out = []
     for bm, bn, bk, w, s, *pers in shapes:
         kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **({"GROUP_M": 8} if group else {})}
         if pers:
-            kw.update(PERSISTENT=bool(pers[0]), OCC=pers[1], SUB=pers[2] if len(pers) > 2 else 1)
+            kw.update(PERSISTENT=bool(pers[0]), OCC=pers[1])
         out.append(triton.Config(kw, num_warps=w, num_stages=s, pre_hook=hook))
     return out
 
@@ -349,15 +330,10 @@ def _tune_list(shapes: list) -> list:
 # (128x128x64 s2: 96 KB; 64x128x64 s3: 88 KB), so one program's GELU epilogue overlaps the other's
 # tensor-core main loop — the point at K = 512, where the main loop is only 8 steps.
 # 128x128x128 s2 (persistent): 4 K steps of 128 at K = 512, 128 KB of stages + the 32 KB tile.
-# SUB = 2 (8th field, the epilogue on column halves): 128x256x64 s3 = 144 KB of stages + a 32 KB
-# half tile. Without it the 128x256 tiles needed ~272 KB (> 227 KB) and never ran, and the H100
-# profile (batch 128) had these GEMMs at ~365 TFLOP/s where cuBLAS does the same shapes at ~680.
 _LINEAR_SHAPES = _tune_list([c for c in [(128, 128, 64, 8, 4, 0, 1), (128, 256, 64, 8, 3, 0, 1),
                                           (128, 128, 64, 8, 4, 1, 1), (128, 128, 64, 8, 2, 1, 2),
                                           (128, 256, 64, 8, 3, 1, 1), (64, 256, 64, 8, 4, 0, 1),
-                                          (64, 128, 64, 4, 3, 1, 2), (128, 128, 128, 8, 2, 1, 1),
-                                          (128, 256, 64, 8, 3, 0, 1, 2), (128, 256, 64, 8, 3, 1, 1, 2),
-                                          (128, 128, 64, 8, 4, 1, 1, 2)]
+                                          (64, 128, 64, 4, 3, 1, 2), (128, 128, 128, 8, 2, 1, 1)]
                                 if PERSISTENT_OK or not c[5]])
 _CONV_SHAPES = _tune_list([(128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 256, 64, 8, 4)])
 _PTR_SHAPES = _tune_list([(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 2)])
@@ -464,7 +440,7 @@ def _launch(kernel, tuned, hook, grid_fn, args, flags, config: dict | None, dtyp
         tuned[lambda meta: (grid_fn(meta),)](*args, **flags)
         return
     cfg = {k: v for k, v in config.items() if k in kernel.arg_names}
-    for k, v in (("PERSISTENT", False), ("OCC", 1), ("SUB", 1)):
+    for k, v in (("PERSISTENT", False), ("OCC", 1)):
         if k in kernel.arg_names:
             cfg.setdefault(k, v)
     if hook is not None:

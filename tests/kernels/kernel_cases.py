@@ -211,13 +211,6 @@ def interpreter_cases() -> dict[str, float]:
     res["linear_gelu_tma_grid"] = conv_case(2, 37, 48, 80, 0, cpu, f32, gelu=True, tma=True,
                                             config={"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32,
                                                     "GROUP_M": 4, "PERSISTENT": False})
-    # The epilogue on two column halves (SUB = 2), plain and persistent, with every epilogue term.
-    for pers in (False, True):
-        sub = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "PERSISTENT": pers, "SUB": 2}
-        res[f"linear_gelu_tma_sub2_p{int(pers)}"] = conv_case(2, 37, 48, 80, 0, cpu, f32, gelu=True,
-                                                              tma=True, config=sub)
-        res[f"linear_scale_res_tma_sub2_p{int(pers)}"] = conv_case(2, 37, 80, 48, 0, cpu, f32, scale=True,
-                                                                   residual=True, tma=True, config=sub)
     res["spectrum_tma"] = spectrum_case(2, 23, 40, 64, cpu, f32, tma=True)
     res["spectrum_ptr"] = spectrum_case(1, 19, 40, 64, cpu, f32, tma=False)
     for first in (True, False):
