@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from chattts_vllm.audio.checkpoint import AudioModels
-from chattts_vllm.audio.coalesce import Coalescer
 from chattts_vllm.audio.stream import StreamingDecoder
 from chattts_vllm.params import InferCodeParams, RefineTextParams
 from chattts_vllm.text.normalize import Normalizer
@@ -66,28 +65,16 @@ def frames_input(codes: np.ndarray, hidden: np.ndarray, use_decoder: bool = True
     return torch.from_numpy(hidden if use_decoder else codes.astype(np.int64))
 
 
-def frames_to_wave(x: torch.Tensor, mel_net: torch.nn.Module, vocos: torch.nn.Module) -> torch.Tensor:
-    """(B, T, D) frames on the audio device -> (B, 512·T − 256) float32 waveforms in host memory.
-
-    The whole one-shot decode as one function of one tensor, so that a coalescer runs a batch of
-    utterances as one call: one Decoder + Vocos pass and one device-to-host copy for all of them,
-    instead of two coalescer round trips and a copy (and a stream sync) per utterance."""
-    return vocos.decode_frames(mel_net.decode_frames(x)).float().cpu()
-
-
 @torch.inference_mode()
 def decode_utterance(models: AudioModels, codes: np.ndarray, hidden: np.ndarray,
-                     use_decoder: bool = True, coalescer: Coalescer | None = None) -> np.ndarray:
-    """One utterance in one shot: T frames -> 512·T − 256 samples (float32, 24 kHz).
-
-    With a `coalescer`, concurrent same-length decodes of other threads share the call."""
+                     use_decoder: bool = True) -> np.ndarray:
+    """One utterance in one shot: T frames -> 512·T − 256 samples (float32, 24 kHz)."""
     if len(codes) == 0:
         return np.zeros(0, np.float32)
     mel_net = mel_model(models, use_decoder)
-    x = frames_input(codes, hidden, use_decoder).to(models.vocos.head.out.weight.device)[None]
-    if coalescer is not None:
-        return coalescer.call(frames_to_wave, x, mel_net, models.vocos)[0].numpy()
-    return frames_to_wave(x, mel_net, models.vocos)[0].numpy()
+    x = frames_input(codes, hidden, use_decoder).to(models.vocos.head.out.weight.device)
+    wav = models.vocos.decode_frames(mel_net.decode_frames(x[None]))[0]
+    return wav.float().cpu().numpy()
 
 
 def stream_decoder(models: AudioModels, use_decoder: bool = True) -> StreamingDecoder:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,17 +66,6 @@ def audio_threads(coalesce: bool) -> int:
     return int(os.environ.get("CHATTTS_VLLM_AUDIO_THREADS", default))
 
 
-def gil_switch_interval() -> float:
-    """CHATTTS_VLLM_GIL_SWITCH_MS (default 1 ms; Python's own is 5 ms), in seconds.
-
-    The server process runs the event loop (HTTP, engine outputs), the audio coalescer's worker
-    and the audio pool threads. A thread that wakes up (a decode finished, a stream's frames
-    arrived) waits for the GIL until the running thread releases it or its switch interval ends,
-    and a stream's first audio crosses several such hand-offs: with 64 busy streams, 5 ms each
-    add up to tens of milliseconds of time to first audio."""
-    return float(os.environ.get("CHATTTS_VLLM_GIL_SWITCH_MS", "1")) / 1e3
-
-
 INLINE_SPLIT_CHARS = 400          # inputs up to this long are normalised on the event loop
 WARM_FIRST_CHUNK_FRAMES = 12     # a first-chunk length warmed at start-up besides the server's own
 
@@ -122,8 +110,6 @@ class SpeechService:
                                  ThreadPoolExecutor(threads, thread_name_prefix="chattts-audio"),
                                  coalescer=coalescer)
         self.stream_config = StreamConfig.from_env()
-        if gil_switch_interval() > 0:
-            sys.setswitchinterval(gil_switch_interval())
         if audio_warm_up(device):
             cfg = self.stream_config
             early = sorted({n for f in (cfg.first_chunk_frames, WARM_FIRST_CHUNK_FRAMES) if f > 0

@@ -315,8 +315,7 @@ class SpeechJob:
     def _decode(u: Utterance, n: int, audio: AudioRunner) -> np.ndarray:
         """Frames [0, n) decoded as a whole utterance: the right edge padded like an ending."""
         codes, hidden = u.read(0, n)
-        # The real modules and the coalescer: the whole decode is one coalesced call.
-        return decode_utterance(audio.models, codes, hidden, audio.use_decoder, audio.coalescer)
+        return decode_utterance(audio.nets, codes, hidden, audio.use_decoder)
 
     def close(self) -> None:
         for u in self.utterances:
