@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench_common import cpu_name
+
 
 def load_outputs(path: Path | None):
     if path is None:
@@ -47,16 +49,6 @@ def load_outputs(path: Path | None):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class Timed:

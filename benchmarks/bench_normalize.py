@@ -20,6 +20,7 @@ from pathlib import Path
 
 from chattts_vllm.text import numbers_zh
 from chattts_vllm.text.normalize import Normalizer, split_sentences
+from bench_common import cpu_name
 
 CHARS = 4096
 _ZH = [
@@ -71,16 +72,6 @@ def time_ms(fn, texts: list[str]) -> tuple[list[float], list[float]]:
         wall.append((time.perf_counter() - t0) * 1e3)
         cpu.append((time.process_time() - c0) * 1e3)
     return wall, cpu
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -6,27 +6,17 @@ import threading
 import time
 
 import numpy as np
-import pytest
 import torch
 
 from chattts_vllm.runners.outputs import (FrameReader, FrameSinkThread, FrameWriter, new_key,
                                           record_size, write_records_twin)
-
-
-@pytest.fixture(autouse=True)
-def _frame_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHATTTS_VLLM_FRAME_DIR", str(tmp_path))
-
-
-def _frames(n: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 625, (n, 4)).astype(np.int32), rng.standard_normal((n, 768)).astype(np.float32)
+from tests.runners.conftest import random_frames
 
 
 def test_capacity_hint_sizes_the_file_once_and_a_reopen_never_shrinks():
     key = new_key()
     rec_bytes = record_size()
-    codes, hidden = _frames(600)
+    codes, hidden = random_frames(600)
     w = FrameWriter(key, capacity=500)          # the worker's hint: the request's max_tokens
     assert w.capacity == 500
     base = w.base
@@ -78,7 +68,7 @@ def test_reader_waits_for_a_gap_and_for_a_file_not_there_yet():
     """A record missing in the middle of the range (the sink one step behind on one row) and a
     file the worker has not opened yet: the read waits for both, then returns every frame."""
     key = new_key()
-    codes, hidden = _frames(6)
+    codes, hidden = random_frames(6)
     r = FrameReader(key)
     box = {}
 

@@ -21,11 +21,6 @@ WORDS = record_size() // 4
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _frame_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHATTTS_VLLM_FRAME_DIR", str(tmp_path / "frames"))
-
-
 @pytest.fixture(scope="module")
 def native(tmp_path_factory):
     from chattts_vllm import ops

@@ -9,21 +9,12 @@ import pytest
 
 from chattts_vllm.runners.outputs import (FrameReader, FrameWriter, new_key, record_size,
                                           write_records_twin)
-
-
-@pytest.fixture(autouse=True)
-def _frame_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHATTTS_VLLM_FRAME_DIR", str(tmp_path))
-
-
-def _frames(n: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 625, (n, 4)).astype(np.int32), rng.standard_normal((n, 768)).astype(np.float32)
+from tests.runners.conftest import random_frames
 
 
 def test_records_round_trip_across_growth_and_reopen():
     key = new_key()
-    codes, hidden = _frames(700)
+    codes, hidden = random_frames(700)
     w = FrameWriter(key, capacity=4)
     for i in range(300):
         w.write(i, codes[i], hidden[i])
@@ -47,7 +38,7 @@ def test_records_round_trip_across_growth_and_reopen():
 
 def test_overwrite_keeps_the_last_record():
     key = new_key()
-    codes, hidden = _frames(2)
+    codes, hidden = random_frames(2)
     w = FrameWriter(key)
     w.write(0, codes[0], hidden[0])
     w.write(0, codes[1], hidden[1])             # re-sampled after a discarded step
@@ -62,7 +53,7 @@ def test_close_and_growth_survive_a_live_row_view():
     crashed a CPU server's worker under the stack sampler) must not make close or growth raise;
     the records stay readable and the writer's file descriptor is released."""
     key = new_key()
-    codes, hidden = _frames(40)
+    codes, hidden = random_frames(40)
     w = FrameWriter(key, capacity=4)
     w.write(0, codes[0], hidden[0])
     held = w.rows[0]                            # a row view outliving the mapping it came from
@@ -80,7 +71,7 @@ def test_close_and_growth_survive_a_live_row_view():
 
 def test_reader_waits_for_late_frames_and_times_out_on_missing_ones():
     key = new_key()
-    codes, hidden = _frames(3)
+    codes, hidden = random_frames(3)
     w = FrameWriter(key)
     w.write(0, codes[0], hidden[0])
     r = FrameReader(key)

@@ -12,11 +12,6 @@ from chattts_vllm.runners.outputs import new_key
 from chattts_vllm.runners.v1 import V1BatchState
 
 
-@pytest.fixture(autouse=True)
-def _frame_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("CHATTTS_VLLM_FRAME_DIR", str(tmp_path))
-
-
 def _params(seed: int) -> SamplingParams:
     req = EngineRequest(mode="code", seed=seed, temperature=[0.3] * 4, top_p=0.7, top_k=20,
                         repetition_penalty=1.05, min_new_token=0, text_len=5, sink=new_key())
