@@ -477,6 +477,13 @@ def conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         bias = _interleave_rows(bias) if bias is not None else None
     if x.stride(-1) != 1:
         x = x.contiguous()
+    if tma is None and (INTERPRET or _has_tma(x.device)) and not tma_layout_ok(x):
+        # Rows that are not 16-byte aligned (100 mel channels in bf16 are 200 bytes: a streaming
+        # window cast from float32) would send this call to the pointer kernel, whose bf16 results
+        # differ in the last bits from the TMA kernel's. The same frames then decoded differently
+        # streamed and whole (the H100 server test saw twice the difference). One copy into padded
+        # rows keeps every call of a shape on the same kernel.
+        x = _empty_rows(tuple(x.shape), x.dtype, x.device).copy_(x)
     bsz, t, cin = x.shape
     n, taps = weight.shape[0], (1 if weight.dim() == 2 else weight.shape[-1])
     dtype = out_dtype or x.dtype
