@@ -33,3 +33,6 @@ def test_bench_serving_smoke(server, tmp_path):
         assert row["first_audio_engine_mean_ms"] > 0 and row["first_audio_decode_mean_ms"] > 0
         assert row["first_audio_prepare_mean_ms"] is not None
         assert row["engine_ttft_mean_ms"] > 0 and row["engine_itl_mean_ms"] > 0
+        # the client's side: its TTFA contains the server's, and its own loop's lag is measured
+        assert row["ttfa_mean_ms"] >= row["server_ttfa_mean_ms"]
+        assert row["client_loop_lag_p99_ms"] >= row["client_loop_lag_p50_ms"] > -1.0
