@@ -18,6 +18,10 @@
 #   bash scripts/gpu-plan.sh extra      # card 0: decoder bench, then the GPU server test   (~9 min)
 #                                       # card 1: serving TTFA, engine core in the server process
 #   bash scripts/gpu-plan.sh ray        # both cards: Ray Serve 1 -> 2 replicas               (~5 min)
+#   bash scripts/gpu-plan.sh confirm    # card 0: bf16 stream == one-shot, the GPU server     (~8 min)
+#                                       #         test, kernel tests, MRv2 parity
+#                                       # card 1: serving TTFA (F = 0, 6, 12), client lag too
+#   bash scripts/gpu-plan.sh profile    # card 0 alone: host profiles, ChatTTS and stock     (~7 min)
 #   bash scripts/gpu-plan.sh measure    # card 0: throughput + stock, then the ChatTTS host   (~9 min)
 #                                       #         profile (per step vs per batch)
 #                                       # card 1: serving TTFA with the audio's CUDA graphs
@@ -117,9 +121,22 @@ case "${1:-}" in
     tail -2 $W/pytest-gpu.log; grep -E "passed|failed" $W/pytest-mrv2.log | tail -1
     quiet $W/decoder.log | grep -A12 "^impl "; tail -1 $W/decoder.log
     serving_table ;;
+  confirm)
+    ( card0 timeout 300 $py -m pytest -q -m gpu tests/audio/test_audio_stream.py tests/gpu/test_serve_gpu.py \
+        tests/kernels > $W/pytest-confirm.log 2>&1; echo "pytest rc $?" >> $W/pytest-confirm.log
+      MRV2_TIMEOUT=150 OUT=$W card0 bash scripts/gpu-check.sh mrv2 > /dev/null 2>&1 ) &
+    ( SERVING_TIMEOUT=420 OUT=$W card1 bash scripts/gpu-check.sh serving --first-chunk-frames 0 6 12 \
+        --tag confirm > /dev/null 2>&1 ) &
+    wait
+    tail -2 $W/pytest-confirm.log; grep -E "passed|failed" $W/pytest-mrv2.log | tail -1; serving_table ;;
+  profile)
+    # Host profiles with the other card idle (a busy neighbour inflated 2026-11-28's per-step figure).
+    card0 timeout 250 $py benchmarks/profile_gpt_step.py --batch 512 --frames 150 > $W/profile.log 2>&1
+    card0 timeout 200 $py benchmarks/profile_gpt_step.py --batch 512 --frames 150 --stock > $W/profile-stock.log 2>&1
+    grep -h "^== \|^-- thread\|^   [a-z]" $W/profile*.log | head -60 ;;
   ray)
     RAY_TIMEOUT=420 OUT=$W bash scripts/gpu-check.sh ray | tail -8 ;;
-  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify"; exit 2 ;;
+  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|profile"; exit 2 ;;
 esac
 find benchmarks/results -maxdepth 1 -newer "$stamp" \( -name '*.json' -o -name '*.png' \) -exec cp -f {} $W/ \;
 rm -f "$stamp"
