@@ -409,11 +409,14 @@ def tma_layout_ok(t: torch.Tensor) -> bool:
         (s * t.element_size()) % 16 == 0 for s, d in zip(t.stride()[:-1], t.shape[:-1]) if d > 1)
 
 
+def _tma_device(device: torch.device) -> bool:
+    """Whether TMA kernels run here: a Hopper+ GPU, or the interpreter."""
+    return INTERPRET or _has_tma(device)
+
+
 def _tma_ok(*tensors: torch.Tensor) -> bool:
-    """TMA needs `tma_layout_ok` tensors (and a Hopper+ GPU, or the interpreter)."""
-    if not INTERPRET and not _has_tma(tensors[0].device):
-        return False
-    return all(tma_layout_ok(t) for t in tensors)
+    """TMA needs `tma_layout_ok` tensors on a `_tma_device`."""
+    return _tma_device(tensors[0].device) and all(tma_layout_ok(t) for t in tensors)
 
 
 def _desc(t: torch.Tensor):
@@ -477,7 +480,7 @@ def conv_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         bias = _interleave_rows(bias) if bias is not None else None
     if x.stride(-1) != 1:
         x = x.contiguous()
-    if tma is None and (INTERPRET or _has_tma(x.device)) and not tma_layout_ok(x):
+    if tma is None and _tma_device(x.device) and not tma_layout_ok(x):
         # Rows that are not 16-byte aligned (100 mel channels in bf16 are 200 bytes: a streaming
         # window cast from float32) would send this call to the pointer kernel, whose bf16 results
         # differ in the last bits from the TMA kernel's. The same frames then decoded differently

@@ -63,21 +63,23 @@ def record_size(hidden_size: int = HIDDEN_SIZE) -> int:
     return 4 * (1 + NUM_VQ + hidden_size)
 
 
+def _create_or_open(path: Path) -> tuple[int, int]:
+    """(descriptor, size) of the file, created if missing. A new file is the common case and needs
+    no fstat (each syscall here is a GIL hand-off of the sink thread)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), 0
+    except FileExistsError:                        # a re-added request reopens its file
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        return fd, os.fstat(fd).st_size
+
+
 def _open_file(path: Path) -> tuple[int, int]:
-    """(descriptor, size) of the writer's file, created if missing. A new file is the common case
-    and needs no fstat (each syscall here is a GIL hand-off of the sink thread)."""
-    for attempt in range(2):
-        try:
-            try:
-                return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), 0
-            except FileExistsError:                # a re-added request reopens its file
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-                return fd, os.fstat(fd).st_size
-        except FileNotFoundError:                  # the directory went since frame_dir made it
-            if attempt:
-                raise
-            path.parent.mkdir(parents=True, exist_ok=True)
-    raise AssertionError("unreachable")
+    """`_create_or_open`, recreating the directory if it went since `frame_dir` made it."""
+    try:
+        return _create_or_open(path)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _create_or_open(path)
 
 
 class FrameWriter:
