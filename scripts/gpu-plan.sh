@@ -129,6 +129,21 @@ case "${1:-}" in
         --tag confirm > /dev/null 2>&1 ) &
     wait
     tail -2 $W/pytest-confirm.log; grep -E "passed|failed" $W/pytest-mrv2.log | tail -1; serving_table ;;
+  diagnose)
+    # Both engines' host profiles at the same time (one per card, so each sees the same neighbour),
+    # with cProfile's exact call counts; then the GPU tests (card 0) and serving TTFA (card 1).
+    command -v nvidia-cuda-mps-control > /dev/null && echo "MPS control: yes" || echo "MPS control: no"
+    ( card0 timeout 240 $py benchmarks/profile_gpt_step.py --batch 512 --frames 150 --cprofile > $W/profile.log 2>&1
+      card0 timeout 240 $py -m pytest -q -m gpu tests/audio/test_audio_stream.py tests/gpu/test_serve_gpu.py \
+        tests/kernels > $W/pytest-confirm.log 2>&1; echo "pytest rc $?" >> $W/pytest-confirm.log
+      MRV2_TIMEOUT=100 OUT=$W card0 bash scripts/gpu-check.sh mrv2 > /dev/null 2>&1 ) &
+    ( card1 timeout 240 $py benchmarks/profile_gpt_step.py --batch 512 --frames 150 --stock --cprofile \
+        > $W/profile-stock.log 2>&1
+      SERVING_TIMEOUT=300 OUT=$W card1 bash scripts/gpu-check.sh serving --first-chunk-frames 6 12 \
+        --tag diagnose > /dev/null 2>&1 ) &
+    wait
+    tail -2 $W/pytest-confirm.log; grep -E "passed|failed" $W/pytest-mrv2.log | tail -1; serving_table
+    grep -h "^== " $W/profile*.log ;;
   profile)
     # Host profiles with the other card idle (a busy neighbour inflated 2026-11-28's per-step figure).
     card0 timeout 250 $py benchmarks/profile_gpt_step.py --batch 512 --frames 150 > $W/profile.log 2>&1
@@ -136,7 +151,7 @@ case "${1:-}" in
     grep -h "^== \|^-- thread\|^   [a-z]" $W/profile*.log | head -60 ;;
   ray)
     RAY_TIMEOUT=420 OUT=$W bash scripts/gpu-check.sh ray | tail -8 ;;
-  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|profile"; exit 2 ;;
+  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|profile"; exit 2 ;;
 esac
 find benchmarks/results -maxdepth 1 -newer "$stamp" \( -name '*.json' -o -name '*.png' \) -exec cp -f {} $W/ \;
 rm -f "$stamp"
