@@ -30,11 +30,75 @@ from bench_throughput import FPS, make_stock_llama  # noqa: E402
 from chattts_vllm.stack_sampler import StackSampler  # noqa: E402
 
 
+_CUDA = os.path.exists("/dev/nvidia0")   # the engine's memory fraction is of host RAM on CPU
+
+
 def engine_kwargs(batch: int, dtype: str) -> dict:
     """The throughput benchmark's sweep settings."""
     return dict(dtype=dtype, max_model_len=1024, enable_prefix_caching=False, max_num_seqs=batch,
-                gpu_memory_utilization=0.85, max_num_batched_tokens=65536,
+                gpu_memory_utilization=0.85 if _CUDA else 0.3, max_num_batched_tokens=65536,
                 compilation_config={"max_cudagraph_capture_size": max(512, batch)})
+
+
+def _raw_generate(tts, texts: list[str], n: int) -> float:
+    """The engine alone: the same requests through `LLM.generate`, frames written but not read."""
+    from chattts_vllm.gpt.requests import code_request
+    from chattts_vllm.params import InferCodeParams
+    from chattts_vllm.runners.outputs import FrameReader
+
+    reqs = [code_request(tts.tokenizer, t, InferCodeParams(manual_seed=i, min_new_token=n,
+                                                           max_new_token=n),
+                         max_model_len=tts.max_model_len) for i, t in enumerate(texts)]
+    t0 = time.perf_counter()
+    tts.llm.generate([r.prompt for r in reqs], [r.sampling_params for r in reqs], use_tqdm=False)
+    took = time.perf_counter() - t0
+    for r in reqs:
+        FrameReader(r.sink).close()
+    return took
+
+
+def _no_export(fn):
+    """Run `fn` with the sampler's per-step record export (D2H copy + sink thread) switched off."""
+    from chattts_vllm.runners import mrv2
+
+    def wrapped(*a):
+        saved = mrv2.ChatTTSSampler._export
+        mrv2.ChatTTSSampler._export = lambda self, input_batch, records: None
+        try:
+            return fn(*a)
+        finally:
+            mrv2.ChatTTSSampler._export = saved
+    return wrapped
+
+
+def _switch(ms: float, fn):
+    def wrapped(*a):
+        saved = sys.getswitchinterval()
+        sys.setswitchinterval(ms / 1e3)
+        try:
+            return fn(*a)
+        finally:
+            sys.setswitchinterval(saved)
+    return wrapped
+
+
+# Diagnosis variants: which part of the ChatTTS step costs host time (GIL hand-offs with the sink
+# thread, the export, reading the frames back) against the full `infer_code`.
+VARIANTS = {
+    "raw": _raw_generate,
+    "noexport": _no_export(_raw_generate),
+    "raw-switch1": _switch(1, _raw_generate),
+    "raw-switch20": _switch(20, _raw_generate),
+}
+
+
+def time_variant(name: str, tts, texts: list[str], frames: int) -> None:
+    fn = VARIANTS[name]
+    short = max(1, frames // 3)
+    full, part = fn(tts, texts, frames), fn(tts, texts, short)
+    slope = (full - part) / (frames - short)
+    print(f"== variant {name}: {full / frames * 1e3:.2f} ms/step plain, split {slope * 1e3:.2f} ms "
+          f"per step + {(full - slope * frames) * 1e3:.0f} ms per batch", flush=True)
 
 
 def main() -> None:
@@ -46,6 +110,9 @@ def main() -> None:
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--interval", type=float, default=0.5, help="stack sampler period, ms")
     p.add_argument("--cprofile", action="store_true", help="also run under cProfile")
+    p.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
+                   help="ChatTTS only: also time these variants of the step (plain and split only)")
+    p.add_argument("--quick", action="store_true", help="plain and split timings only (no profilers)")
     args = p.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -78,6 +145,9 @@ def main() -> None:
             ps = [InferCodeParams(manual_seed=i, min_new_token=n, max_new_token=n) for i in range(b)]
             return tts.infer_code(texts, ps, use_tqdm=False)
     run()  # warm-up at full batch
+    if not args.stock:
+        for v in args.variants:
+            time_variant(v, tts, texts, frames)
     t0 = time.perf_counter()
     run()
     plain = time.perf_counter() - t0
@@ -90,6 +160,11 @@ def main() -> None:
     t_short = time.perf_counter() - t0
     slope = (plain - t_short) / (frames - short) if frames > short else float("nan")
     fixed = plain - slope * frames
+    name = "stock" if args.stock else "chattts"
+    if args.quick:
+        print(f"== {name} batch {b} frames {frames}: {plain / frames * 1e3:.2f} ms/step plain, split "
+              f"{slope * 1e3:.2f} ms per step + {fixed * 1e3:.0f} ms per batch", flush=True)
+        return
     sampler = StackSampler(args.interval / 1e3)
     t0 = time.perf_counter()
     with sampler:
@@ -101,7 +176,6 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as tp:
         run()
     gpu_us = sum((e.self_device_time_total if cuda else e.self_cpu_time_total) for e in tp.key_averages())
-    name = "stock" if args.stock else "chattts"
     print(f"\n== {name} batch {b} frames {frames}: {plain / frames * 1e3:.2f} ms/step plain "
           f"({b * frames / FPS / plain:.0f} audio-s/s), {sampled / frames * 1e3:.2f} ms/step sampled, "
           f"{'GPU kernels' if cuda else 'CPU ops'} {gpu_us / 1e3 / frames:.2f} ms/step")

@@ -144,6 +144,19 @@ case "${1:-}" in
     wait
     tail -2 $W/pytest-confirm.log; grep -E "passed|failed" $W/pytest-mrv2.log | tail -1; serving_table
     grep -h "^== " $W/profile*.log ;;
+  variants)
+    # Which part of the ChatTTS step costs host time: the same batch with the record export off,
+    # without reading frames back, at other GIL switch intervals; stock at the same time.
+    ( card0 timeout 280 $py benchmarks/profile_gpt_step.py --batch 512 --frames 150 --quick \
+        --variants raw noexport raw-switch1 raw-switch20 > $W/variants.log 2>&1
+      card0 timeout 150 $py benchmarks/profile_gpt_step.py --batch 1 --frames 300 --quick \
+        --variants raw noexport > $W/variants-b1.log 2>&1 ) &
+    ( card1 timeout 200 $py benchmarks/profile_gpt_step.py --batch 512 --frames 150 --quick --stock \
+        > $W/variants-stock.log 2>&1
+      card1 timeout 150 $py benchmarks/profile_gpt_step.py --batch 1 --frames 300 --quick --stock \
+        > $W/variants-stock-b1.log 2>&1 ) &
+    wait
+    grep -h "^== \|Error" $W/variants*.log ;;
   profile)
     # Host profiles with the other card idle (a busy neighbour inflated 2026-11-28's per-step figure).
     card0 timeout 250 $py benchmarks/profile_gpt_step.py --batch 512 --frames 150 > $W/profile.log 2>&1
@@ -151,7 +164,7 @@ case "${1:-}" in
     grep -h "^== \|^-- thread\|^   [a-z]" $W/profile*.log | head -60 ;;
   ray)
     RAY_TIMEOUT=420 OUT=$W bash scripts/gpu-check.sh ray | tail -8 ;;
-  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|profile"; exit 2 ;;
+  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|profile"; exit 2 ;;
 esac
 find benchmarks/results -maxdepth 1 -newer "$stamp" \( -name '*.json' -o -name '*.png' \) -exec cp -f {} $W/ \;
 rm -f "$stamp"
