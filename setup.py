@@ -31,7 +31,9 @@ def cuda_extensions():
         sources=sources,
         # No --use_fast_math: csrc/sample_codebooks.cu must round expf/logf/powf and divisions as
         # torch's own kernels do (bit-exact twin of gpt/sampling.py); fast math changes all four.
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+        # CHATTTS_WITH_CUDA: csrc/frame_sink.cpp's stream-ordered push (cudaLaunchHostFunc); the
+        # CPU tests build that file alone without it.
+        extra_compile_args={"cxx": ["-O3", "-DCHATTTS_WITH_CUDA"], "nvcc": ["-O3", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -1,16 +1,16 @@
 """Host cost of the frame side channel per request: writer open / close, growth, and the read back.
 
 Mirrors one offline batch of the model runner V2 path: `--requests` writers opened through a
-`FrameSinkThread` (with a capacity hint of `--capacity` records where the sink takes one), `--frames`
-steps of one record per request written by the sink thread (the numpy twin of the native op, or the
-op itself with --native where it is built), the writers closed, then every request read back the
+`FrameSink` (capacity `--capacity` records), `--frames` steps of one record per request written by
+the sink's worker (the Python twin, or the native worker with --native where it is built), the
+writers closed, then every request read back the
 way `collect_code_result` does (`FrameReader.read(0, n)`, code 0 checked, the file removed).
 A last phase times reads that find their last frame missing (it lands `--late-ms` later), the
 case of a sink one step behind the engine: the reader's CPU while it polls.
 
-The sink thread's jobs are timed inside that thread (wall and thread CPU time). The main thread
-idles meanwhile, so these are bare costs: in the engine, each syscall in them also hands the GIL to
-the engine thread and may wait to get it back. The frame directory is a fresh folder under
+Open and close are timed on the caller's thread (wall and thread CPU time); a step from its push
+to written (an older module's `FrameSinkThread` jobs are timed inside its thread). These are bare
+costs: in the engine, the twin's thread also competes for the GIL. The frame directory is a fresh folder under
 /dev/shm (tmpfs) unless CHATTTS_VLLM_FRAME_DIR is set. Writes
 benchmarks/results/frame-channel-cpu-<date>[-<label>].json and prints one line.
 
@@ -67,6 +67,9 @@ class Timed:
 
 
 def drain(sink, num_buffers: int) -> None:
+    if hasattr(sink, "drain"):                  # FrameSink: wait on the worker's step count
+        sink.drain()
+        return
     deadline = time.monotonic() + 600
     while not (sink.jobs.empty() and sink.free.qsize() == num_buffers):
         if time.monotonic() > deadline:
@@ -76,13 +79,22 @@ def drain(sink, num_buffers: int) -> None:
 
 
 def one_batch(mod, args, native) -> dict:
+    """One batch through the module's sink: `FrameSink` (open/close on the caller's thread, each
+    step timed from push to written) or an older module's `FrameSinkThread` (timed in its thread)."""
     words = mod.record_size(args.hidden) // 4
     R, F = args.requests, args.frames
-    sink = mod.FrameSinkThread(R, words, native=native)
-    sink._open, sink._close, sink._frames = Timed(sink._open), Timed(sink._close), Timed(sink._frames)
+    current = hasattr(mod, "FrameSink")
+    if current:
+        sink = mod.FrameSink(R, words, native=native)
+        sink.open, sink.close = Timed(sink.open), Timed(sink.close)
+        opens, closes, steps = sink.open, sink.close, Timed(lambda: None)
+    else:
+        sink = mod.FrameSinkThread(R, words, native=native)
+        sink._open, sink._close, sink._frames = Timed(sink._open), Timed(sink._close), Timed(sink._frames)
+        opens, closes, steps = sink._open, sink._close, sink._frames
     grows = Timed(mod.FrameWriter._grow)
     mod.FrameWriter._grow = lambda self, capacity: grows(self, capacity)
-    hinted = "capacity" in inspect.signature(mod.FrameSinkThread.open).parameters
+    hinted = current or "capacity" in inspect.signature(mod.FrameSinkThread.open).parameters
     try:
         keys = [mod.new_key() for _ in range(R)]
         for slot, key in enumerate(keys):
@@ -102,7 +114,13 @@ def one_batch(mod, args, native) -> dict:
             rec[:, 1:5] = (np.arange(R)[:, None] + step) % 626
             host = sink.take_buffer()
             host[:R] = torch.from_numpy(rec)
-            sink.submit(None, slots, host, R)
+            if current:
+                t0 = time.perf_counter()
+                sink.submit(slots, host, R)
+                sink.worker.wait(sink.worker.submitted())
+                steps.wall.append((time.perf_counter() - t0) * 1e6)
+            else:
+                sink.submit(None, slots, host, R)
         drain(sink, 4)
         for slot in range(R):
             sink.close(slot)
@@ -132,11 +150,11 @@ def one_batch(mod, args, native) -> dict:
         return round(sum(xs) / R, 2)
 
     return {
-        "open_us": med(sink._open.wall), "open_cpu_us": med(sink._open.cpu),
-        "close_us": med(sink._close.wall), "close_cpu_us": med(sink._close.cpu),
+        "open_us": med(opens.wall), "open_cpu_us": med(opens.cpu),
+        "close_us": med(closes.wall), "close_cpu_us": med(closes.cpu),
         "grow_us_per_request": tot(grows.wall[grows_at_open:]),
         "grows_per_request": round((len(grows.wall) - grows_at_open) / R, 3),
-        "step_write_ms": round(statistics.median(sink._frames.wall) / 1e3, 3),
+        "step_write_ms": round(statistics.median(steps.wall) / 1e3, 3),
         "read_us": med(read_us), "read_mean_us": round(statistics.fmean(read_us), 2),
         "unlink_us": med(unlink_us),
     }

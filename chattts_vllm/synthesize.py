@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,11 @@ class ChatTTS:
         try:
             outs = self.llm.generate([r.prompt for r in reqs], [r.sampling_params for r in reqs],
                                      use_tqdm=use_tqdm)
-            return [collect_code_result(r.sink, o.outputs[0].token_ids) for r, o in zip(reqs, outs)]
+            # Reading back is syscalls and large copies that release the GIL: a few threads read a
+            # big batch (512 x 10 s is ~740 MB of records) several times faster than one.
+            with ThreadPoolExecutor(max_workers=min(8, max(1, len(reqs) // 16))) as pool:
+                return list(pool.map(lambda r, o: collect_code_result(r.sink, o.outputs[0].token_ids),
+                                     reqs, outs))
         finally:
             for r in reqs:  # no-op for collected results; removes files of failed ones
                 FrameReader(r.sink).close()

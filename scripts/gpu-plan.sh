@@ -53,7 +53,7 @@ serving_table() { for f in $W/bench-serving*.log; do quiet "$f" | grep -A7 "mode
 case "${1:-}" in
   build)
     bash scripts/gpu-check.sh build 2>&1 | tail -4
-    $py -c "import torch, chattts_vllm.ops; print('native frame sink:', hasattr(torch.ops.chattts_vllm, 'write_frame_records'))"
+    $py -c "import torch, chattts_vllm.ops; print('native frame sink:', hasattr(torch.classes.chattts_vllm, 'FrameSinkWorker'))"
     timeout 60 $py -m pytest -q tests/runners/test_frame_sink.py 2>&1 | tail -1 ;;
   check)
     ( card0 timeout 400 $py benchmarks/bench_throughput.py --batches 1 512 --time-limit 390 \
@@ -157,6 +157,24 @@ case "${1:-}" in
         > $W/variants-stock-b1.log 2>&1 ) &
     wait
     grep -h "^== \|Error" $W/variants*.log ;;
+  final)
+    # Timings on card 0 one at a time (throughput with stock in the same run, then serving TTFA);
+    # card 1 runs only the GPU tests, during the engines' start-up (a busy neighbour skews timings).
+    ( card1 timeout 200 $py -m pytest -q -m gpu tests/runners tests/kernels/test_frame_glue_gpu.py \
+        tests/audio/test_audio_stream.py > $W/pytest-gpu.log 2>&1; echo "pytest rc $?" >> $W/pytest-gpu.log
+      MRV2_TIMEOUT=150 OUT=$W card1 bash scripts/gpu-check.sh mrv2 > /dev/null 2>&1 ) &
+    ( card0 timeout 330 $py benchmarks/bench_throughput.py --batches 1 512 --time-limit 320 \
+        > $W/throughput.log 2>&1; echo "throughput rc $?" >> $W/throughput.log
+      SERVING_TIMEOUT=230 OUT=$W card0 bash scripts/gpu-check.sh serving --first-chunk-frames 6 \
+        --tag final > /dev/null 2>&1 ) &
+    wait
+    tail -2 $W/pytest-gpu.log; grep -E "passed|failed" $W/pytest-mrv2.log | tail -1
+    quiet $W/throughput.log | grep -A4 "^ batch"; tail -1 $W/throughput.log
+    serving_table ;;
+  engines)
+    card0 timeout 400 $py benchmarks/bench_throughput.py --engines 2 --batches 512 --skip-stock \
+        --time-limit 390 > $W/engines.log 2>&1; echo "engines rc $?" >> $W/engines.log
+    grep -h "round\|best\|rc " $W/engines*.log ;;
   profile)
     # Host profiles with the other card idle (a busy neighbour inflated 2026-11-28's per-step figure).
     card0 timeout 250 $py benchmarks/profile_gpt_step.py --batch 512 --frames 150 > $W/profile.log 2>&1
@@ -164,7 +182,7 @@ case "${1:-}" in
     grep -h "^== \|^-- thread\|^   [a-z]" $W/profile*.log | head -60 ;;
   ray)
     RAY_TIMEOUT=420 OUT=$W bash scripts/gpu-check.sh ray | tail -8 ;;
-  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|profile"; exit 2 ;;
+  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|profile"; exit 2 ;;
 esac
 find benchmarks/results -maxdepth 1 -newer "$stamp" \( -name '*.json' -o -name '*.png' \) -exec cp -f {} $W/ \;
 rm -f "$stamp"

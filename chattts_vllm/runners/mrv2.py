@@ -12,8 +12,8 @@ step is a handful of gathers and scatters with no host sync (async scheduling st
 `prepare_inputs` fills one persistent `inputs_embeds` buffer (CUDA graphs replay its address) with
 the ChatTTS input embedding; the sampler runs the fused CUDA kernel (`ops.sample_codebooks_from
 _buffer`, twin: gpt/sampling.py), emits code0 or 625, and commits the frame. Codes and hidden states
-go to the front end through the same side channel as on V1, written by a background thread after
-an async device-to-host copy. On CUDA the embedding and the commit + record packing are one Triton
+go to the front end through the same side channel as on V1, written by a native worker thread
+after an async device-to-host copy (runners/outputs.py `FrameSink`). On CUDA the embedding and the commit + record packing are one Triton
 launch each (kernels/frame_glue.py: at batch 1 the step is host-bound and the eager glue was ~80
 launches); their PyTorch twins (runners/frame_glue.py, the model's `embed_tokens`) run on CPU or
 with `CHATTTS_VLLM_FUSED_GLUE=0`.
@@ -39,7 +39,7 @@ from chattts_vllm.gpt.sampling import RowParams, sample
 from chattts_vllm.params import EngineRequest
 from chattts_vllm.runners.frame_glue import (commit_and_pack_torch, fused_glue_kernels,
                                              token_embeddings_torch)
-from chattts_vllm.runners.outputs import FrameSinkThread, record_size
+from chattts_vllm.runners.outputs import FrameSink, record_size
 from chattts_vllm.runners.slot_values import StagedSlotValues, upload
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class ChatTTSModelState(DefaultModelState):
         self.records = torch.zeros(S, record_size(H) // 4, dtype=torch.int32, device=device)
         self.slot_of: dict[str, int] = {}
         self.parked: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.sink = FrameSinkThread(S, record_size(H) // 4)
+        self.sink = FrameSink(S, record_size(H) // 4)
         self.layout = LogitsLayout("text")
         model.frame_inputs = self
 
@@ -95,13 +95,14 @@ class ChatTTSModelState(DefaultModelState):
         self.slot_of[new_req_data.req_id] = slot
         self.is_chattts_np[slot] = req is not None
         self.is_code_np[slot] = req is not None and req.mode == "code"
-        self.sink.open(slot, req.sink if self.is_code_np[slot] else None,
-                       new_req_data.sampling_params.max_tokens)   # sizes the file once
+        # The file is sized once for every frame the request may write (records past it drop).
+        prompt_len = len(new_req_data.prompt_token_ids or [])
+        frames = new_req_data.sampling_params.max_tokens or self.max_model_len - prompt_len
+        self.sink.open(slot, req.sink if self.is_code_np[slot] else None, frames)
         if req is None:
             self.values.stage(slot, is_code=False)
             return
         # Host rows only: `apply_staged_writes` sends every arrival of this step in one copy.
-        prompt_len = len(new_req_data.prompt_token_ids or [])
         temps = (req.temperature * NUM_VQ)[:NUM_VQ] if len(req.temperature) == 1 else req.temperature
         self.values.stage(slot, is_code=self.is_code_np[slot], temperature=temps, top_p=req.top_p,
                           top_k=req.top_k, penalty=req.repetition_penalty, min_new=req.min_new_token,
@@ -244,14 +245,13 @@ class ChatTTSSampler:
         return sampled
 
     def _export(self, input_batch, records: torch.Tensor) -> None:
-        """Async copy of the rows' side-channel records (marker 0: none) to the sink thread."""
+        """Async copy of the rows' side-channel records (marker 0: none), pushed to the sink
+        behind it on the stream."""
         st = self.state
         n = len(records)
         host = st.sink.take_buffer()
         host[:n].copy_(records, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        st.sink.submit(event, input_batch.idx_mapping_np[:n].copy(), host, n)
+        st.sink.submit(input_batch.idx_mapping_np[:n], host, n)
 
     def _sample_text(self, logits, slot, pos, slots_np) -> torch.Tensor:
         """Refine rows (rare on the serving path) use the PyTorch twin; other requests are greedy."""

@@ -12,6 +12,7 @@ raw completions API cannot make the worker write anywhere else.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import logging
 import mmap
@@ -244,114 +245,163 @@ class FrameReader:
             pass
 
 
-def write_records_twin(records: np.ndarray, dest: np.ndarray) -> None:
-    """Python twin of the csrc op `write_frame_records`: row i of `records` to address dest[i]
-    (0: skipped), payload first, then the marker word."""
+def write_step_twin(records: np.ndarray, base: np.ndarray, capacity: np.ndarray) -> int:
+    """Python twin of csrc/frame_sink.cpp's `write_step`: row i of `records` to its record in the
+    file mapped at base[i] (0: none), payload first, then the marker; rows past their file's
+    capacity are dropped. Returns the number dropped."""
     words = records.shape[1]
-    for i in np.flatnonzero(dest):
-        row = np.ctypeslib.as_array(ctypes.cast(int(dest[i]), ctypes.POINTER(ctypes.c_int32)), (words,))
+    markers = records[:len(base), 0].astype(np.int64)
+    live = (markers > 0) & (base != 0)
+    over = live & (markers > capacity)
+    for i in np.flatnonzero(live & ~over):
+        addr = int(base[i] + (markers[i] - 1) * words * 4)
+        row = np.ctypeslib.as_array(ctypes.cast(addr, ctypes.POINTER(ctypes.c_int32)), (words,))
         row[1:] = records[i, 1:]
         row[0] = records[i, 0]
+    return int(over.sum())
 
 
-def _native_writer():
-    """torch.ops.chattts_vllm.write_frame_records where the csrc extension is built, else None."""
+class SinkTwin:
+    """Python twin of the native `FrameSinkWorker`: a thread that writes pushed steps in order.
+
+    `push(records, base, capacity, event)` waits for `event` (a CUDA event, or None for host
+    data) on the thread before writing; `submitted`/`completed` count steps, `wait(seq)` blocks.
+    """
+
+    def __init__(self, words: int) -> None:
+        self.words = words
+        self.jobs: queue.Queue = queue.Queue()
+        self.cond = threading.Condition()
+        self._submitted = self._completed = self._dropped = 0
+        threading.Thread(target=self._run, daemon=True, name="chattts-frame-sink").start()
+
+    def push(self, records: torch.Tensor, base: torch.Tensor, capacity: torch.Tensor,
+             event=None) -> int:
+        self._submitted += 1
+        self.jobs.put((self._submitted, records, base.numpy().copy(), capacity.numpy().copy(), event))
+        return self._submitted
+
+    def submitted(self) -> int:
+        return self._submitted
+
+    def completed(self) -> int:
+        return self._completed
+
+    def dropped(self) -> int:
+        return self._dropped
+
+    def wait(self, seq: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self._completed >= seq)
+
+    def _run(self) -> None:
+        while True:
+            seq, records, base, capacity, event = self.jobs.get()
+            try:
+                if event is not None:
+                    event.synchronize()
+                self._dropped += write_step_twin(records.numpy(), base, capacity)
+            except Exception:  # keep the engine alive; the front end reports the missing frame
+                logger.exception("chattts frame sink failed on step %d", seq)
+            with self.cond:
+                self._completed = seq
+                self.cond.notify_all()
+
+
+def _native_worker(words: int):
+    """torch.classes.chattts_vllm.FrameSinkWorker where the csrc extension is built, else None."""
     from chattts_vllm import ops
 
     if os.environ.get("CHATTTS_VLLM_NATIVE_SINK", "1") == "0" or not ops.HAS_CUDA_OPS:
         return None
-    return getattr(torch.ops.chattts_vllm, "write_frame_records", None)
+    try:
+        return torch.classes.chattts_vllm.FrameSinkWorker(words)
+    except (AttributeError, RuntimeError):
+        return None
 
 
-class FrameSinkThread:
-    """Writes committed frames to the side channel off the critical path, in step order.
+class FrameSink:
+    """Model runner V2's side channel: per slot an open file, per step one push of its records.
 
-    Each step's records arrive in one of a few pinned host buffers (a free list, so a sink that
-    falls behind makes the sampler wait instead of overwriting a buffer still being read). The
-    step's destinations are computed with numpy from per-slot base addresses, and the copy is one
-    native call (`write_frame_records`) that releases the GIL: at 512 rows a step, a Python loop
-    here held the GIL for milliseconds that the engine thread (scheduler, runner) was waiting for.
+    The engine thread opens and closes the files (`open` at a request's arrival, sized from its
+    max_tokens so a file never grows while steps are in flight) and per step only gathers each
+    row's file address and pushes the pinned buffer: the native worker (csrc/frame_sink.cpp)
+    takes the step when the CUDA stream has copied it and writes it with no Python, so the sink
+    never competes for the GIL that the scheduler holds. A closed file is unmapped once every step
+    pushed before its close is written. Steps use a ring of pinned buffers; a buffer is reused
+    after its step is written (the engine waits only if the worker is `num_buffers` steps behind).
+    `native=False` (or no extension) uses `SinkTwin`.
     """
 
     def __init__(self, max_rows: int, words: int, num_buffers: int = 4, native=None) -> None:
-        self.jobs: queue.Queue = queue.Queue()
-        self.free: queue.Queue = queue.Queue()
-        pin = torch.cuda.is_available()
-        for _ in range(num_buffers):
-            self.free.put(torch.empty(max_rows, words, dtype=torch.int32, pin_memory=pin))
-        self.record_bytes = words * 4
+        self.cuda = torch.cuda.is_available()
+        worker = _native_worker(words) if native is None else (native(words) if native else None)
+        self.native = worker is not None
+        self.worker = worker if worker is not None else SinkTwin(words)
+        self.buffers = [torch.empty(max_rows, words, dtype=torch.int32, pin_memory=self.cuda)
+                        for _ in range(num_buffers)]
+        self.buffer_seq = [0] * num_buffers        # the step last pushed from each buffer
+        self.next_buffer = 0
         self.writers: dict[int, FrameWriter] = {}
         self.base = np.zeros(max_rows, dtype=np.int64)         # per slot: record 0's address, 0 = none
         self.capacity = np.zeros(max_rows, dtype=np.int64)
-        self.write = _native_writer() if native is None else (native or None)   # False: the twin
-        threading.Thread(target=self._run, daemon=True, name="chattts-frame-sink").start()
+        self.closing: collections.deque[tuple[int, FrameWriter]] = collections.deque()
+        self.reported_drops = 0
 
     def open(self, slot: int, key: str | None, capacity: int | None = None) -> None:
-        """Slot `slot` now writes to `key`'s file (None: to none); `capacity`: the request's
-        max_tokens, so the file is sized once."""
-        self.jobs.put(("open", slot, (key, capacity)))
+        """Slot `slot` now writes to `key`'s file (None: to none), sized for `capacity` records."""
+        self.close(slot)
+        if key is not None:
+            w = FrameWriter(key, capacity=capacity)
+            self.writers[slot] = w
+            self.base[slot], self.capacity[slot] = w.base, w.capacity
 
     def close(self, slot: int) -> None:
-        self.jobs.put(("close", slot, None))
+        w = self.writers.pop(slot, None)
+        self.base[slot] = self.capacity[slot] = 0
+        if w is not None:
+            self.closing.append((self.worker.submitted(), w))
+        self._reap()
+
+    def _reap(self) -> None:
+        done = self.worker.completed()
+        while self.closing and self.closing[0][0] <= done:
+            self.closing.popleft()[1].close()
 
     def take_buffer(self) -> torch.Tensor:
-        return self.free.get()
+        i = self.next_buffer
+        if self.worker.completed() < self.buffer_seq[i]:
+            self.worker.wait(self.buffer_seq[i])
+        return self.buffers[i]
 
-    def submit(self, event, slots: np.ndarray, host: torch.Tensor, n: int) -> None:
-        """`event` (a CUDA event, or None for host data) marks `host[:n]` ready."""
-        self.jobs.put(("frames", event, (slots, host, n)))
-
-    def _track(self, slot: int) -> None:
-        w = self.writers.get(slot)
-        self.base[slot] = w.base if w is not None else 0
-        self.capacity[slot] = w.capacity if w is not None else 0
-
-    def _open(self, slot: int, key: str | None, capacity: int | None = None) -> None:
-        old = self.writers.pop(slot, None)
-        if old is not None:
-            old.close()
-        if key is not None:
-            self.writers[slot] = FrameWriter(key, capacity=capacity)
-        self._track(slot)
-
-    def _close(self, slot: int) -> None:
-        w = self.writers.pop(slot, None)
-        if w is not None:
-            w.close()
-        self._track(slot)
-
-    def destinations(self, slots: np.ndarray, markers: np.ndarray) -> np.ndarray:
-        """Each row's record address (0: no record, or no open writer for its slot)."""
-        index = markers.astype(np.int64) - 1
-        live = (markers > 0) & (self.base[slots] != 0)
-        for i in np.flatnonzero(live & (index >= self.capacity[slots])):   # rare: grow first
-            slot = int(slots[i])
-            self.writers[slot].reserve(int(index[i]))
-            self._track(slot)
-        return np.where(live, self.base[slots] + index * self.record_bytes, 0)
-
-    def _frames(self, slots: np.ndarray, host: torch.Tensor, n: int) -> None:
-        records = host[:n]
-        dest = self.destinations(slots, records[:, 0].numpy())
-        if self.write is not None:
-            self.write(records, torch.from_numpy(dest))
+    def submit(self, slots: np.ndarray, host: torch.Tensor, n: int) -> None:
+        """Push rows [0, n) of `host` (the buffer from `take_buffer`, filled on the current stream
+        when on CUDA); row i belongs to slot slots[i]."""
+        i = self.next_buffer
+        assert host is self.buffers[i], "submit the buffer that take_buffer returned"
+        if self.cuda and torch.cuda.is_current_stream_capturing():
+            return      # a graph-capture dummy run: a host callback must not enter the graph
+        self.next_buffer = (i + 1) % len(self.buffers)
+        base = torch.from_numpy(self.base[slots[:n]])
+        capacity = torch.from_numpy(self.capacity[slots[:n]])
+        if not self.cuda:
+            seq = self.worker.push(host, base, capacity)
+        elif self.native:
+            seq = self.worker.push_after_stream(host, base, capacity,
+                                                torch.cuda.current_stream().cuda_stream)
         else:
-            write_records_twin(records.numpy(), dest)
+            event = torch.cuda.Event()
+            event.record()
+            seq = self.worker.push(host, base, capacity, event)
+        self.buffer_seq[i] = seq
+        self._reap()
+        drops = self.worker.dropped()
+        if drops != self.reported_drops:
+            logger.error("chattts frame sink: %d records past their file's capacity were dropped",
+                         drops - self.reported_drops)
+            self.reported_drops = drops
 
-    def _run(self) -> None:
-        while True:
-            kind, a, b = self.jobs.get()
-            try:
-                if kind == "open":
-                    self._open(a, *b)
-                elif kind == "close":
-                    self._close(a)
-                else:
-                    try:
-                        if a is not None:
-                            a.synchronize()
-                        self._frames(*b)
-                    finally:
-                        self.free.put(b[1])
-            except Exception:  # keep the engine alive; the front end reports the missing frame
-                logger.exception("chattts frame sink failed on a %s job", kind)
+    def drain(self) -> None:
+        """Wait until every pushed step is written and every closed file unmapped."""
+        self.worker.wait(self.worker.submitted())
+        self._reap()

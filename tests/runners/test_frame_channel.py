@@ -8,8 +8,8 @@ import time
 import numpy as np
 import torch
 
-from chattts_vllm.runners.outputs import (FrameReader, FrameSinkThread, FrameWriter, new_key,
-                                          record_size, write_records_twin)
+from chattts_vllm.runners.outputs import (FrameReader, FrameSink, FrameWriter, new_key,
+                                          record_size, write_step_twin)
 from tests.runners.conftest import random_frames
 
 
@@ -49,7 +49,7 @@ def test_read_returns_the_exact_bytes_as_contiguous_arrays_of_their_own():
     rec = rng.integers(-2**31, 2**31, (64, words), dtype=np.int64).astype(np.int32)  # NaN bits too
     rec[:, 0] = np.arange(1, 65)
     w = FrameWriter(key, capacity=64)
-    write_records_twin(rec, w.base + np.arange(64, dtype=np.int64) * rec.shape[1] * 4)
+    write_step_twin(rec, np.full(64, w.base, dtype=np.int64), np.full(64, 64, dtype=np.int64))
     w.close()
     r = FrameReader(key)
     for start, stop in ((0, 64), (17, 40), (63, 64)):
@@ -92,33 +92,30 @@ def test_reader_waits_for_a_gap_and_for_a_file_not_there_yet():
     r.close()
 
 
-def test_sink_open_passes_the_capacity_hint():
-    """FrameSinkThread.open(slot, key, max_tokens): the slot's file is mapped once at that size,
-    so 300 steps write at one base address; without a hint the writer starts at 256 and grows."""
+def test_sink_sizes_each_file_from_the_capacity_at_open_and_drops_past_it():
+    """FrameSink.open(slot, key, max_tokens): the file is mapped once at that size (300 steps
+    write at one base address); a record past the capacity is dropped and counted, never written
+    elsewhere."""
     words = record_size() // 4
-    sink = FrameSinkThread(4, words, native=False)
-    hinted, plain = new_key(), new_key()
+    sink = FrameSink(4, words, native=False)
+    hinted, small = new_key(), new_key()
     sink.open(0, hinted, 300)
-    sink.open(1, plain)
-    bases = set()
+    sink.open(1, small, 10)
+    base = int(sink.base[0])
     rec = np.zeros((2, words), np.int32)
     for step in range(300):
         rec[:, 0] = step + 1
         rec[:, 1] = step
         host = sink.take_buffer()
         host[:2] = torch.from_numpy(rec)
-        sink.submit(None, np.array([0, 1]), host, 2)
-        if step % 50 == 49:
-            deadline = time.monotonic() + 30
-            while not (sink.jobs.empty() and sink.free.qsize() == 4):
-                assert time.monotonic() < deadline
-                time.sleep(0.002)
-            bases.add(int(sink.base[0]))
-    time.sleep(0.01)
-    assert len(bases) == 1 and sink.capacity[0] == 300
-    assert sink.capacity[1] == 512                 # 256, doubled once
-    for key in (hinted, plain):
-        codes, _ = FrameReader(key).read(0, 300, timeout=10)
-        np.testing.assert_array_equal(codes[:, 0], np.arange(300))
+        sink.submit(np.array([0, 1]), host, 2)
+    sink.drain()
+    assert int(sink.base[0]) == base and sink.capacity[0] == 300
+    assert sink.worker.dropped() == 290 and sink.reported_drops <= 290
+    codes, _ = FrameReader(hinted).read(0, 300, timeout=10)
+    np.testing.assert_array_equal(codes[:, 0], np.arange(300))
+    codes, _ = FrameReader(small).read(0, 10, timeout=10)
+    np.testing.assert_array_equal(codes[:, 0], np.arange(10))
+    assert FrameReader(small).path.stat().st_size == 10 * words * 4
     sink.close(0)
     sink.close(1)

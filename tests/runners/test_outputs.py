@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from chattts_vllm.runners.outputs import (FrameReader, FrameWriter, new_key, record_size,
-                                          write_records_twin)
+                                          write_step_twin)
 from tests.runners.conftest import random_frames
 
 
@@ -24,7 +24,7 @@ def test_records_round_trip_across_growth_and_reopen():
     for i in range(300, 700):                   # the GPU sink's raw records, as the sink writes them
         rec[0], rec[1:5], rec[5:] = i + 1, codes[i], hidden[i].view(np.int32)
         w.reserve(i)
-        write_records_twin(rec[None], np.array([w.base + i * rec.nbytes], dtype=np.int64))
+        write_step_twin(rec[None], np.array([w.base], dtype=np.int64), np.array([w.capacity]))
     w.close()
     r = FrameReader(key)
     got_c, got_h = r.read(0, 700)

@@ -1,0 +1,195 @@
+// FrameSinkWorker: writes each engine step's side-channel records into the requests' memory maps
+// on a native thread, so the per-step sink path runs no Python and never takes the GIL.
+//
+// The model runner V2 sampler (chattts_vllm/runners/mrv2.py) packs one record per row into a
+// pinned int32 buffer, row i = [marker, 4 codes, hidden state], marker = frame index + 1 (0 = no
+// record), and pushes it with each row's file base address (0 = no open file) and capacity in
+// records. With `push_after_stream` the job joins the worker's queue when the CUDA stream reaches
+// that point (cudaLaunchHostFunc: after the device-to-host copy of the records); `push` queues it
+// now (host data). The worker copies row i to base[i] + (marker - 1) * record bytes, payload
+// first, then the marker with release order, so a reader that sees the marker sees the payload.
+// A row past its file's capacity is dropped and counted (the caller sizes files from max_tokens).
+//
+// Why native: a Python sink thread woke once a step and needed the GIL that the engine's scheduler
+// thread holds; on the H100 host profile its hand-offs cost the engine ~1.8 ms a step at batch 512.
+// Twin: `SinkTwin` in chattts_vllm/runners/outputs.py. Built alone (no CUDA) by the CPU tests.
+#include <ATen/ATen.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#ifdef CHATTTS_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace chattts_vllm {
+
+// Rows of one step to their records; returns the number of rows dropped for capacity.
+int64_t write_step(const int32_t* rec, int64_t n, int64_t words, const int64_t* base,
+                   const int64_t* capacity) {
+  int64_t dropped = 0;
+  const int64_t bytes = words * static_cast<int64_t>(sizeof(int32_t));
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t* src = rec + i * words;
+    const int64_t marker = src[0];
+    if (marker <= 0 || base[i] == 0) continue;
+    if (marker > capacity[i]) {
+      ++dropped;
+      continue;
+    }
+    auto* row = reinterpret_cast<int32_t*>(static_cast<uintptr_t>(base[i] + (marker - 1) * bytes));
+    std::memcpy(row + 1, src + 1, static_cast<size_t>(words - 1) * sizeof(int32_t));
+    __atomic_store_n(row, src[0], __ATOMIC_RELEASE);
+  }
+  return dropped;
+}
+
+class FrameSinkWorker : public torch::CustomClassHolder {
+ public:
+  explicit FrameSinkWorker(int64_t words) : words_(words) {
+    TORCH_CHECK(words >= 1, "FrameSinkWorker: a record needs its marker word");
+    thread_ = std::thread([this] { run(); });
+  }
+
+  ~FrameSinkWorker() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+
+  // Queue a step now. records [>= n, words] int32 CPU; base, capacity [n] int64.
+  int64_t push(const at::Tensor& records, const at::Tensor& base, const at::Tensor& capacity) {
+    Job* job = make_job(records, base, capacity);
+    enqueue(job);
+    return job->seq;
+  }
+
+  // Queue a step when `stream` (a cudaStream_t as an integer) reaches this point.
+  int64_t push_after_stream(const at::Tensor& records, const at::Tensor& base,
+                            const at::Tensor& capacity, int64_t stream) {
+#ifdef CHATTTS_WITH_CUDA
+    Job* job = make_job(records, base, capacity);
+    const int64_t seq = job->seq;
+    cudaError_t err = cudaLaunchHostFunc(reinterpret_cast<cudaStream_t>(stream), &on_stream, job);
+    if (err != cudaSuccess) {
+      enqueue(job);  // never lose a step: the caller's buffer is in flight, so finish it anyway
+      TORCH_CHECK(false, "FrameSinkWorker: cudaLaunchHostFunc failed: ", cudaGetErrorString(err));
+    }
+    return seq;
+#else
+    (void)records, (void)base, (void)capacity, (void)stream;
+    TORCH_CHECK(false, "FrameSinkWorker: built without CUDA; use push");
+#endif
+  }
+
+  int64_t submitted() { return submitted_.load(); }
+  int64_t completed() { return completed_.load(); }
+  int64_t dropped() { return dropped_.load(); }
+
+  // Block until step `seq` is written (the torch binding releases the GIL meanwhile).
+  void wait(int64_t seq) {
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [&] { return completed_.load() >= seq; });
+  }
+
+ private:
+  struct Job {
+    FrameSinkWorker* owner;
+    c10::intrusive_ptr<FrameSinkWorker> keep;  // the worker outlives a job still on a stream
+    at::Tensor records;
+    std::vector<int64_t> base, capacity;
+    int64_t seq;
+  };
+
+  Job* make_job(const at::Tensor& records, const at::Tensor& base, const at::Tensor& capacity) {
+    TORCH_CHECK(records.device().is_cpu() && records.scalar_type() == at::kInt && records.dim() == 2 &&
+                    records.is_contiguous() && records.size(1) == words_,
+                "FrameSinkWorker: records must be a contiguous CPU int32 [rows, ", words_, "] tensor");
+    TORCH_CHECK(base.device().is_cpu() && base.scalar_type() == at::kLong && base.dim() == 1 &&
+                    base.is_contiguous() && base.sizes() == capacity.sizes() &&
+                    capacity.scalar_type() == at::kLong && capacity.is_contiguous() &&
+                    base.size(0) <= records.size(0),
+                "FrameSinkWorker: base and capacity must be contiguous CPU int64 [n], n <= rows");
+    const int64_t n = base.size(0);
+    auto* job = new Job{this, c10::intrusive_ptr<FrameSinkWorker>::reclaim_copy(this), records,
+                        std::vector<int64_t>(base.data_ptr<int64_t>(), base.data_ptr<int64_t>() + n),
+                        std::vector<int64_t>(capacity.data_ptr<int64_t>(),
+                                             capacity.data_ptr<int64_t>() + n),
+                        0};
+    job->seq = ++submitted_;
+    return job;
+  }
+
+  static void on_stream(void* arg) {  // CUDA's callback thread: queue only, no CUDA calls
+    auto* job = static_cast<Job*>(arg);
+    job->owner->enqueue(job);
+  }
+
+  void enqueue(Job* job) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      jobs_.push_back(job);
+    }
+    cv_.notify_one();
+  }
+
+  void run() {
+    for (;;) {
+      Job* job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || !jobs_.empty(); });
+        if (jobs_.empty()) return;  // stopping, nothing left
+        job = jobs_.front();
+        jobs_.pop_front();
+      }
+      dropped_ += write_step(job->records.data_ptr<int32_t>(), static_cast<int64_t>(job->base.size()),
+                             words_, job->base.data(), job->capacity.data());
+      const int64_t seq = job->seq;
+      job->records.reset();
+      c10::intrusive_ptr<FrameSinkWorker> keep = std::move(job->keep);
+      delete job;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        completed_.store(seq);
+      }
+      done_cv_.notify_all();
+      if (keep.use_count() == 1) {  // the last owner: Python let go while this job was in flight
+        keep.release();              // leak rather than join this thread from itself
+        return;
+      }
+    }
+  }
+
+  const int64_t words_;
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  std::deque<Job*> jobs_;
+  bool stop_ = false;
+  std::atomic<int64_t> submitted_{0}, completed_{0}, dropped_{0};
+  std::thread thread_;
+};
+
+}  // namespace chattts_vllm
+
+TORCH_LIBRARY_FRAGMENT(chattts_vllm, m) {
+  m.class_<chattts_vllm::FrameSinkWorker>("FrameSinkWorker")
+      .def(torch::init<int64_t>())
+      .def("push", &chattts_vllm::FrameSinkWorker::push)
+      .def("push_after_stream", &chattts_vllm::FrameSinkWorker::push_after_stream)
+      .def("submitted", &chattts_vllm::FrameSinkWorker::submitted)
+      .def("completed", &chattts_vllm::FrameSinkWorker::completed)
+      .def("dropped", &chattts_vllm::FrameSinkWorker::dropped)
+      .def("wait", &chattts_vllm::FrameSinkWorker::wait);
+}
