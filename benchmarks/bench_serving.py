@@ -18,6 +18,9 @@ server process), waits for /health, runs the sweep and stops it; its log goes ne
 
 Writes benchmarks/results/serving-<card>-<date>[-tag].json (+ .png) and prints a table last.
 `--min-new-token`/`--max-new-token` fix the utterance length (random weights end early).
+`--arrivals staggered` spreads the clients' starts over one request's duration, so that a level is
+the steady state of that many streams instead of repeated bursts of simultaneous arrivals (the
+default, `lockstep`, with equal-length requests).
 """
 from __future__ import annotations
 
@@ -87,7 +90,13 @@ async def loop_lag(lags: list[float], stop: asyncio.Event, period: float = 1e-3)
         lags.append(time.perf_counter() - t - period)
 
 
-async def run_level(url: str, body: dict, concurrency: int, rounds: int, bar: tqdm) -> dict:
+async def run_level(url: str, body: dict, concurrency: int, rounds: int, bar: tqdm,
+                    spread_s: float = 0.0) -> dict:
+    """One level. `spread_s` > 0 (staggered arrivals): client w starts w / concurrency of that
+    span late and the latency figures skip each client's first request (the ramp), so they are the
+    steady state of `concurrency` streams whose arrivals are spread over one request's duration;
+    0 (lockstep): all clients start together, and equal-length requests keep every round a burst
+    of `concurrency` simultaneous arrivals."""
     results: list[dict] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     lags: list[float] = []
@@ -96,9 +105,12 @@ async def run_level(url: str, body: dict, concurrency: int, rounds: int, bar: tq
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
         async def worker(w: int) -> None:
+            if spread_s:
+                await asyncio.sleep(spread_s * w / concurrency)
             for k in range(rounds):
                 seed = None if body.get("seed") is None else body["seed"] + w * rounds + k
-                results.append(await one_request(client, url, {**body, "seed": seed}))
+                results.append({**await one_request(client, url, {**body, "seed": seed}),
+                                "ramp": bool(spread_s) and k == 0 and rounds > 1})
                 bar.update()
 
         t0 = time.perf_counter()
@@ -107,14 +119,16 @@ async def run_level(url: str, body: dict, concurrency: int, rounds: int, bar: tq
     stop.set()
     await monitor
     lag = np.array(lags) * 1e3
-    ok = [r for r in results if "error" not in r]
+    audio = sum(r.get("audio_s", 0.0) for r in results)
     errors = [r["error"] for r in results if "error" in r]
+    results = [r for r in results if not r["ramp"]]          # latency: the steady state only
+    ok = [r for r in results if "error" not in r]
     ttfa = np.array([r["ttfa_s"] for r in ok]) * 1e3
     rtf = np.array([r["wall_s"] / r["audio_s"] for r in ok if r["audio_s"] > 0])
     stall = np.array([r["stall_s"] for r in ok]) * 1e3
-    audio = sum(r["audio_s"] for r in ok)
     pct = (lambda a, q: float(np.percentile(a, q)) if a.size else None)
     return dict(concurrency=concurrency, first_chunk_frames=body.get("stream_first_chunk_frames", 0),
+                arrivals="staggered" if spread_s else "lockstep", spread_s=spread_s,
                 requests=len(results), errors=len(errors), first_error=errors[0] if errors else None,
                 ttfa_p50_ms=pct(ttfa, 50), ttfa_p95_ms=pct(ttfa, 95), ttfa_p99_ms=pct(ttfa, 99),
                 ttfa_mean_ms=float(ttfa.mean()) if ttfa.size else None,
@@ -274,6 +288,10 @@ def main() -> None:
     ap.add_argument("--serve-layers", type=int, default=20, help="layers of the random checkpoint")
     ap.add_argument("--serve-args", default="", help="extra `chattts-vllm serve` flags, one string")
     ap.add_argument("--serve-timeout", type=float, default=420, help="seconds to wait for /health")
+    ap.add_argument("--arrivals", choices=("lockstep", "staggered"), default="lockstep",
+                    help="lockstep: all clients start together (equal-length requests keep each round "
+                         "a burst); staggered: client starts spread over one request's duration (from "
+                         "the warm-up), latency from each client's second request on")
     ap.add_argument("--inproc", action="store_true",
                     help="with --serve: engine core in the server process (VLLM_ENABLE_V1_MULTIPROCESSING=0)")
     args = ap.parse_args()
@@ -294,7 +312,7 @@ def main() -> None:
                   voice=args.voice, rounds=args.rounds, min_new_token=args.min_new_token,
                   max_new_token=args.max_new_token, served=bool(args.serve),
                   serve_args=args.serve_args if args.serve else None,
-                  inproc=args.inproc if args.serve else None, rows=rows,
+                  inproc=args.inproc if args.serve else None, arrivals=args.arrivals, rows=rows,
                   notes="closed loop: `concurrency` clients x `rounds` streamed pcm requests; "
                         "ttfa = first audio byte; rtf = request wall time / its audio seconds; stall = "
                         "time a client playing from its first byte would wait for late bytes; "
@@ -310,6 +328,7 @@ def main() -> None:
     except ImportError:                              # a GPU box without matplotlib: JSON only
         print("matplotlib not installed: no plot")
 
+    print(f"\narrivals: {args.arrivals}")
     print(f"\n{'mode':>8} {'conc':>5} {'reqs':>5} {'err':>4} {'ttfa p50':>9} {'ttfa p95':>9} "
           f"{'mean':>6} {'srv':>5} {'lag99':>5} "
           f"{'stall p95':>9} {'rtf p50':>8} {'audio s/s':>10} {'jobs/call':>9}  server ms: "
@@ -337,15 +356,19 @@ def bench(url: str, args) -> tuple[list[dict], str, dict]:
     modes = [{} if not f else {"stream_first_chunk_frames": f} for f in args.first_chunk_frames]
     # Warm-up, not measured: every (concurrency, mode) level once, so that the audio kernels' JIT
     # for each coalesced batch shape happens here, as it would in a server's first minutes.
+    spread = {}
     for c in args.concurrency:
         for m in modes:
-            asyncio.run(run_level(url, {**body, **m}, c, 1, tqdm(disable=True)))
+            warm = asyncio.run(run_level(url, {**body, **m}, c, 1, tqdm(disable=True)))
+            spread[c, m.get("stream_first_chunk_frames", 0)] = (
+                warm["wall_s"] if args.arrivals == "staggered" and c > 1 else 0.0)
     total = sum(args.concurrency) * args.rounds * len(modes)
     with tqdm(total=total, unit="req", desc="bench_serving") as bar:
         for c in args.concurrency:
             for m in modes:
                 before = server_series(url)
-                rows.append(asyncio.run(run_level(url, {**body, **m}, c, args.rounds, bar)))
+                rows.append(asyncio.run(run_level(url, {**body, **m}, c, args.rounds, bar,
+                                                  spread[c, m.get("stream_first_chunk_frames", 0)])))
                 rows[-1].update(server_view(before, server_series(url)))
                 bar.set_postfix(c=c, f=rows[-1]["first_chunk_frames"],
                                 ttfa_p50=f"{rows[-1]['ttfa_p50_ms'] or 0:.0f}ms")

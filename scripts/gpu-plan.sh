@@ -175,6 +175,15 @@ case "${1:-}" in
     card0 timeout 400 $py benchmarks/bench_throughput.py --engines 2 --batches 512 --skip-stock \
         --time-limit 390 > $W/engines.log 2>&1; echo "engines rc $?" >> $W/engines.log
     grep -h "round\|best\|rc " $W/engines*.log ;;
+  ttfa)
+    # Card 0 alone: TTFA at 1 and 64 streams, F = 6, with lockstep arrivals (each round a burst of
+    # 64) and then staggered arrivals (the steady state of 64 streams).
+    SERVING_TIMEOUT=250 OUT=$W card0 bash scripts/gpu-check.sh serving --first-chunk-frames 6 \
+        --tag lockstep > /dev/null 2>&1; mv $W/bench-serving.log $W/bench-serving-lockstep.log
+    SERVING_TIMEOUT=280 OUT=$W card0 bash scripts/gpu-check.sh serving --first-chunk-frames 6 \
+        --arrivals staggered --rounds 3 --tag staggered > /dev/null 2>&1
+    mv $W/bench-serving.log $W/bench-serving-staggered.log
+    serving_table ;;
   profile)
     # Host profiles with the other card idle (a busy neighbour inflated 2026-11-28's per-step figure).
     card0 timeout 250 $py benchmarks/profile_gpt_step.py --batch 512 --frames 150 > $W/profile.log 2>&1
@@ -182,7 +191,7 @@ case "${1:-}" in
     grep -h "^== \|^-- thread\|^   [a-z]" $W/profile*.log | head -60 ;;
   ray)
     RAY_TIMEOUT=420 OUT=$W bash scripts/gpu-check.sh ray | tail -8 ;;
-  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|profile"; exit 2 ;;
+  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|profile"; exit 2 ;;
 esac
 find benchmarks/results -maxdepth 1 -newer "$stamp" \( -name '*.json' -o -name '*.png' \) -exec cp -f {} $W/ \;
 rm -f "$stamp"

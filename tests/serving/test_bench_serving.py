@@ -36,3 +36,18 @@ def test_bench_serving_smoke(server, tmp_path):
         # the client's side: its TTFA contains the server's, and its own loop's lag is measured
         assert row["ttfa_mean_ms"] >= row["server_ttfa_mean_ms"]
         assert row["client_loop_lag_p99_ms"] >= row["client_loop_lag_p50_ms"] > -1.0
+
+
+def test_bench_serving_staggered_arrivals(server, tmp_path):
+    """Staggered arrivals: client starts spread over one request's duration (from the warm-up);
+    each client's first request is the ramp and stays out of the latency figures."""
+    r = subprocess.run([sys.executable, str(BENCH), server.url, "--concurrency", "2",
+                        "--rounds", "2", "--arrivals", "staggered", "--tag", "stagger",
+                        "--out-dir", str(tmp_path), "--min-new-token", "30", "--max-new-token", "30"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(next(tmp_path.glob("serving-*-stagger.json")).read_text())
+    (row,) = data["rows"]
+    assert data["arrivals"] == row["arrivals"] == "staggered" and row["spread_s"] > 0
+    assert row["requests"] == 2 and row["errors"] == 0           # 2 clients x 2 rounds, ramp excluded
+    assert row["audio_s_total"] > 0 and row["ttfa_p50_ms"] > 0
