@@ -136,14 +136,18 @@ class SpeechEngine:
             yield prepared
             return
         sse = req.stream_format == "sse"
-        yield Reply(200, "text/event-stream" if sse else MEDIA_TYPES[req.response_format],
-                    self._headers())
-        body = encoded_stream(self.service, prepared, req, sse)
+        job = self.service.start(prepared)              # the engine starts before the head goes out
+        body = encoded_stream(self.service, job, prepared, req, sse)
         try:
+            yield Reply(200, "text/event-stream" if sse else MEDIA_TYPES[req.response_format],
+                        self._headers())
             async for chunk in body:
                 yield chunk
         finally:
-            await body.aclose()                         # aborts the engine requests if cut short
+            try:
+                await body.aclose()
+            finally:
+                job.close()                             # aborts the engine requests if cut short
 
     async def check_health(self) -> None:
         """Serve restarts the replica when this raises (e.g. the engine core died)."""

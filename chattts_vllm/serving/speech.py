@@ -30,6 +30,7 @@ from chattts_vllm.audio.formats import MEDIA_TYPES, SAMPLE_RATE, StreamEncoder, 
 from chattts_vllm.serving import metrics
 from chattts_vllm.serving.protocol import SpeechError, SpeechRequest, parse_speech_request
 from chattts_vllm.serving.service import Prepared, SpeechService
+from chattts_vllm.serving.streaming import SpeechJob
 from chattts_vllm.text.speaker import VOICES
 
 
@@ -56,25 +57,35 @@ def _service(request: Request) -> SpeechService:
 
 
 class ClosingStream(StreamingResponse):
-    """Closes the body generator however the response ends, so its cleanup runs at once.
+    """Closes the body generator however the response ends, so its cleanup runs at once; `job`
+    (already submitted) is closed too, even if the body never started.
 
     A disconnect cancels the response while it may be sending, not awaiting the generator; the
     generator would then only be closed when garbage-collected.
     """
 
+    def __init__(self, content, *, job: SpeechJob | None = None, **kwargs):
+        super().__init__(content, **kwargs)
+        self.job = job
+
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                if self.job is not None:
+                    self.job.close()
 
 
-async def encoded_stream(service: SpeechService, prepared: Prepared, req: SpeechRequest,
-                         sse: bool, t0: float | None = None) -> AsyncIterator[bytes]:
-    """Audio bytes (or SSE events) as the sentences are decoded. Cleanup is synchronous.
+async def encoded_stream(service: SpeechService, job: SpeechJob, prepared: Prepared,
+                         req: SpeechRequest, sse: bool,
+                         t0: float | None = None) -> AsyncIterator[bytes]:
+    """Audio bytes (or SSE events) of a submitted job as its sentences are decoded. Cleanup is
+    synchronous.
 
     `t0` (perf_counter at the request's start) feeds the time-to-first-audio metric."""
-    job = service.start(prepared)
     audio, enc = service.audio, StreamEncoder(req.response_format)
     event = (lambda b: b"data: " + json.dumps({"type": "speech.audio.delta", "audio":
              base64.b64encode(b).decode()}).encode() + b"\n\n") if sse else (lambda b: b)
@@ -116,7 +127,12 @@ async def _respond(service: SpeechService, req: SpeechRequest, raw_request: Requ
     if req.stream_format is not None:
         sse = req.stream_format == "sse"
         media = "text/event-stream" if sse else MEDIA_TYPES[req.response_format]
-        return ClosingStream(encoded_stream(service, prepared, req, sse, t0), media_type=media)
+        # Submit now, not when the response starts iterating its body: under load that start
+        # waits for the event loop, and the engine can work meanwhile. No await until the return,
+        # and the response closes the job however it ends.
+        job = service.start(prepared)
+        return ClosingStream(encoded_stream(service, job, prepared, req, sse, t0), job=job,
+                             media_type=media)
     job = service.start(prepared, whole=True)
     try:
         wav = await job.waveform(service.audio)

@@ -221,6 +221,7 @@ class SpeechJob:
     submitted_at: float = 0.0
     first_frames_at: float | None = None
     first_audio_at: float | None = None
+    closed: bool = False
 
     def __init__(self, engine, requests: list[EnginePrompt], request_id: str, used_tokens: int = 0,
                  first_chunk_frames: int | None = None, whole: bool = False):
@@ -318,5 +319,9 @@ class SpeechJob:
         return decode_utterance(audio.nets, codes, hidden, audio.use_decoder)
 
     def close(self) -> None:
+        """Cancel what still runs and remove the files; a second call does nothing."""
+        if self.closed:
+            return
+        self.closed = True
         for u in self.utterances:
             u.close()
