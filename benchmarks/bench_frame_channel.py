@@ -117,7 +117,7 @@ def one_batch(mod, args, native) -> dict:
             if current:
                 t0 = time.perf_counter()
                 sink.submit(slots, host, R)
-                sink.worker.wait(sink.worker.submitted())
+                sink.worker.wait(sink.worker.submitted(), 60.0)
                 steps.wall.append((time.perf_counter() - t0) * 1e6)
             else:
                 sink.submit(None, slots, host, R)

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -97,10 +98,12 @@ class FrameSinkWorker : public torch::CustomClassHolder {
   int64_t completed() { return completed_.load(); }
   int64_t dropped() { return dropped_.load(); }
 
-  // Block until step `seq` is written (the torch binding releases the GIL meanwhile).
-  void wait(int64_t seq) {
+  // Block until step `seq` is written or `timeout_s` passes (the torch binding releases the GIL
+  // meanwhile); true if written.
+  bool wait(int64_t seq, double timeout_s) {
     std::unique_lock<std::mutex> lock(mu_);
-    done_cv_.wait(lock, [&] { return completed_.load() >= seq; });
+    return done_cv_.wait_for(lock, std::chrono::duration<double>(timeout_s),
+                             [&] { return completed_.load() >= seq; });
   }
 
  private:

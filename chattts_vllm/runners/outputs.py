@@ -290,9 +290,9 @@ class SinkTwin:
     def dropped(self) -> int:
         return self._dropped
 
-    def wait(self, seq: int) -> None:
+    def wait(self, seq: int, timeout_s: float) -> bool:
         with self.cond:
-            self.cond.wait_for(lambda: self._completed >= seq)
+            return self.cond.wait_for(lambda: self._completed >= seq, timeout_s)
 
     def _run(self) -> None:
         while True:
@@ -318,6 +318,9 @@ def _native_worker(words: int):
         return torch.classes.chattts_vllm.FrameSinkWorker(words)
     except (AttributeError, RuntimeError):
         return None
+
+
+WAIT_S = 60.0      # a step the worker has not written by then is an error, not a hang
 
 
 class FrameSink:
@@ -371,7 +374,9 @@ class FrameSink:
     def take_buffer(self) -> torch.Tensor:
         i = self.next_buffer
         if self.worker.completed() < self.buffer_seq[i]:
-            self.worker.wait(self.buffer_seq[i])
+            if not self.worker.wait(self.buffer_seq[i], WAIT_S):
+                raise RuntimeError(f"chattts frame sink: step {self.buffer_seq[i]} not written "
+                                   f"after {WAIT_S:.0f} s (its stream never reached it?)")
         return self.buffers[i]
 
     def submit(self, slots: np.ndarray, host: torch.Tensor, n: int) -> None:
@@ -401,7 +406,8 @@ class FrameSink:
                          drops - self.reported_drops)
             self.reported_drops = drops
 
-    def drain(self) -> None:
+    def drain(self, timeout_s: float = WAIT_S) -> None:
         """Wait until every pushed step is written and every closed file unmapped."""
-        self.worker.wait(self.worker.submitted())
+        if not self.worker.wait(self.worker.submitted(), timeout_s):
+            raise RuntimeError("chattts frame sink: steps still unwritten after the timeout")
         self._reap()

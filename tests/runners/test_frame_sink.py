@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +104,7 @@ def test_native_equals_twin_byte_for_byte(native):
              for r in regions]
     worker = native(WORDS)
     seq = worker.push(torch.from_numpy(rec), torch.from_numpy(bases[0]), torch.from_numpy(capacity))
-    worker.wait(seq)
+    assert worker.wait(seq, 10.0)
     dropped = write_step_twin(rec, bases[1], capacity)
     np.testing.assert_array_equal(regions[0], regions[1])
     assert worker.dropped() == dropped == int(((rec[:, 0] > capacity) & has_file).sum())
@@ -128,6 +127,7 @@ def test_native_rejects_bad_arguments(native):
         with pytest.raises(RuntimeError, match="built without CUDA"):
             worker.push_after_stream(rec, z, z, 0)
     assert worker.submitted() == 0
+    assert not worker.wait(1, 0.05)                      # a step never pushed: times out, False
 
 
 def test_twin_waits_for_its_event_before_writing():
@@ -144,10 +144,10 @@ def test_twin_waits_for_its_event_before_writing():
     rec = _step(1, [2], 5)
     gate = Gate()
     seq = twin.push(torch.from_numpy(rec), torch.tensor([region.ctypes.data]), torch.tensor([2]), gate)
-    time.sleep(0.05)
+    assert not twin.wait(seq, 0.05)                   # times out: False, never a hang
     assert twin.completed() == 0 and not region.any()
     gate.go.set()
-    twin.wait(seq)
+    assert twin.wait(seq, 10.0)
     np.testing.assert_array_equal(region[1], rec[0])
 
 
@@ -164,5 +164,5 @@ def test_native_push_after_stream_writes_after_the_copy_lands(native):
     base = torch.tensor([region.ctypes.data] * 2, dtype=torch.int64)
     seq = worker.push_after_stream(host, base, torch.tensor([4, 4]), torch.cuda.current_stream().cuda_stream)
     assert worker.completed() < seq and not region.any()
-    worker.wait(seq)
+    assert worker.wait(seq, 10.0)
     np.testing.assert_array_equal(region[[0, 2]], rec.cpu().numpy())
