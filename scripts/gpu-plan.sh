@@ -22,6 +22,15 @@
 #                                       #         test, kernel tests, MRv2 parity
 #                                       # card 1: serving TTFA (F = 0, 6, 12), client lag too
 #   bash scripts/gpu-plan.sh profile    # card 0 alone: host profiles, ChatTTS and stock     (~7 min)
+#   bash scripts/gpu-plan.sh diagnose   # host profiles of both engines side by side (cProfile too),
+#                                       # then GPU tests (card 0) and serving TTFA (card 1) (~8 min)
+#   bash scripts/gpu-plan.sh variants   # ChatTTS step variants (export off, no read-back, GIL
+#                                       #   switch 1 / 20 ms) on card 0, stock on card 1      (~5 min)
+#   bash scripts/gpu-plan.sh final      # card 0: throughput + stock, then serving TTFA; card 1:
+#                                       #   GPU tests and MRv2 during the start-ups            (~8 min)
+#   bash scripts/gpu-plan.sh engines    # card 0 alone: 2 engines x 256                       (~2 min)
+#   bash scripts/gpu-plan.sh ttfa       # card 0 alone: TTFA, lockstep then staggered arrivals (~8 min)
+#   bash scripts/gpu-plan.sh mps        # card 0 alone: 2 and 3 engines under MPS, bf16 / fp8 KV (~9 min)
 #   bash scripts/gpu-plan.sh measure    # card 0: throughput + stock, then the ChatTTS host   (~9 min)
 #                                       #         profile (per step vs per batch)
 #                                       # card 1: serving TTFA with the audio's CUDA graphs
@@ -184,6 +193,15 @@ case "${1:-}" in
         --arrivals staggered --rounds 3 --tag staggered > /dev/null 2>&1
     mv $W/bench-serving.log $W/bench-serving-staggered.log
     serving_table ;;
+  mps)
+    # Card 0 alone: 2 and 3 engines under MPS (kernels of the engine processes run side by side
+    # instead of time-sliced), bf16 then fp8 KV cache (attention is ~70 % of a step's GPU time).
+    card0 timeout 280 $py benchmarks/bench_throughput.py --engines 2 3 --batches 512 --skip-stock --mps \
+        --time-limit 270 --tag mps > $W/engines-mps.log 2>&1; echo "mps rc $?" >> $W/engines-mps.log
+    card0 timeout 280 $py benchmarks/bench_throughput.py --engines 2 3 --batches 512 --skip-stock --mps \
+        --kv-cache-dtype fp8 --time-limit 270 --tag mps-fp8 > $W/engines-mps-fp8.log 2>&1
+    echo "mps fp8 rc $?" >> $W/engines-mps-fp8.log
+    grep -h "round\|best\|rc \|MPS" $W/engines-mps*.log ;;
   profile)
     # Host profiles with the other card idle (a busy neighbour inflated 2026-11-28's per-step figure).
     card0 timeout 250 $py benchmarks/profile_gpt_step.py --batch 512 --frames 150 > $W/profile.log 2>&1
@@ -191,7 +209,7 @@ case "${1:-}" in
     grep -h "^== \|^-- thread\|^   [a-z]" $W/profile*.log | head -60 ;;
   ray)
     RAY_TIMEOUT=420 OUT=$W bash scripts/gpu-check.sh ray | tail -8 ;;
-  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|profile"; exit 2 ;;
+  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile"; exit 2 ;;
 esac
 find benchmarks/results -maxdepth 1 -newer "$stamp" \( -name '*.json' -o -name '*.png' \) -exec cp -f {} $W/ \;
 rm -f "$stamp"
