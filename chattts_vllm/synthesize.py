@@ -85,8 +85,8 @@ class ChatTTS:
         try:
             outs = self.llm.generate([r.prompt for r in reqs], [r.sampling_params for r in reqs],
                                      use_tqdm=use_tqdm)
-            # Reading back is syscalls and large copies that release the GIL: a few threads read a
-            # big batch (512 x 10 s is ~740 MB of records) several times faster than one.
+            # Reading back is syscalls and large copies that release the GIL, so a few threads
+            # share a big batch (512 x 10 s is ~740 MB of records) instead of one reading it all.
             with ThreadPoolExecutor(max_workers=min(8, max(1, len(reqs) // 16))) as pool:
                 return list(pool.map(lambda r, o: collect_code_result(r.sink, o.outputs[0].token_ids),
                                      reqs, outs))

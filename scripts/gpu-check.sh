@@ -59,7 +59,7 @@ case "${1:-}" in
     shift; inproc=; [ -n "${SERVE_INPROC:-}" ] && inproc=--inproc
     [ -z "$inproc" ] && unset VLLM_ENABLE_V1_MULTIPROCESSING
     timeout "${SERVING_TIMEOUT:-540}" $py benchmarks/bench_serving.py --serve random $inproc \
-      --serve-args "--max-model-len 1024 --max-num-seqs 128 --gpu-memory-utilization 0.8" \
+      --serve-args "--max-model-len 1024 --max-num-seqs 128 --gpu-memory-utilization 0.8 ${SERVE_EXTRA:-}" \
       --concurrency 1 64 --rounds 2 --first-chunk-frames 0 12 24 \
       --min-new-token 235 --max-new-token 235 --out-dir "$OUT" "$@" > "$OUT/bench-serving.log" 2>&1
     echo "bench_serving exit $?"

@@ -13,10 +13,10 @@ step is a handful of gathers and scatters with no host sync (async scheduling st
 the ChatTTS input embedding; the sampler runs the fused CUDA kernel (`ops.sample_codebooks_from
 _buffer`, twin: gpt/sampling.py), emits code0 or 625, and commits the frame. Codes and hidden states
 go to the front end through the same side channel as on V1, written by a native worker thread
-after an async device-to-host copy (runners/outputs.py `FrameSink`). On CUDA the embedding and the commit + record packing are one Triton
-launch each (kernels/frame_glue.py: at batch 1 the step is host-bound and the eager glue was ~80
-launches); their PyTorch twins (runners/frame_glue.py, the model's `embed_tokens`) run on CPU or
-with `CHATTTS_VLLM_FUSED_GLUE=0`.
+after an async device-to-host copy (runners/outputs.py `FrameSink`). On CUDA the embedding and the
+commit + record packing are one Triton launch each (kernels/frame_glue.py: at batch 1 the step is
+host-bound and the eager glue was ~80 launches); their PyTorch twins (runners/frame_glue.py, the
+model's `embed_tokens`) run on CPU or with `CHATTTS_VLLM_FUSED_GLUE=0`.
 """
 from __future__ import annotations
 
