@@ -37,7 +37,8 @@ def engine_kwargs(batch: int, dtype: str) -> dict:
     """The throughput benchmark's sweep settings (its engine holds up to 512 sequences whatever
     the batch: max_num_seqs 1 with graphs captured up to 512 crashed stock vLLM and ChatTTS alike
     with an illegal memory access on the H100)."""
-    return dict(dtype=dtype, max_model_len=1024, enable_prefix_caching=False, max_num_seqs=max(512, batch),
+    return dict(dtype=dtype, max_model_len=1024, enable_prefix_caching=False,
+                max_num_seqs=max(512, batch),
                 gpu_memory_utilization=0.85 if _CUDA else 0.3, max_num_batched_tokens=65536,
                 compilation_config={"max_cudagraph_capture_size": max(512, batch)})
 
