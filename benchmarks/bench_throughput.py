@@ -76,21 +76,17 @@ def decode_shapes(share: int) -> set[int]:
     return {min(DECODE_CHUNK, share - i) for i in range(0, share, DECODE_CHUNK)} if share else set()
 
 
-def decode(audio, hidden: list, cuda: bool) -> int:
-    """Decoder + Vocos on all utterances in chunks; the audio ends in host memory. Returns samples."""
-    import numpy as np
+def decode(audio, frames: list[tuple], cuda: bool) -> int:
+    """Decoder + Vocos on all utterances, as `ChatTTS.synthesize` decodes them (equal lengths in
+    batched calls of DECODE_CHUNK); the audio ends in host memory. Returns samples."""
     import torch
 
-    dev, dtype = audio.vocos.head.out.weight.device, audio.vocos.head.out.weight.dtype
-    samples = 0
-    with torch.inference_mode():
-        for i in range(0, len(hidden), DECODE_CHUNK):
-            h = torch.from_numpy(np.stack(hidden[i:i + DECODE_CHUNK])).to(dev).to(dtype)
-            wav = audio.vocos.decode_frames(audio.decoder.decode_frames(h))
-            samples += wav.float().cpu().numel()
-        if cuda:
-            torch.cuda.synchronize()
-    return samples
+    from chattts_vllm.serving.pipeline import decode_utterances
+
+    wavs = decode_utterances(audio, frames, max_batch=DECODE_CHUNK)
+    if cuda:
+        torch.cuda.synchronize()
+    return sum(len(w) for w in wavs)
 
 
 def warm_decoder(audio, shapes: set[int], frames: int, cuda: bool) -> None:
@@ -100,8 +96,10 @@ def warm_decoder(audio, shapes: set[int], frames: int, cuda: bool) -> None:
     from chattts_vllm.audio.convnext import triton_kernels
 
     rng = np.random.default_rng(0)
+    codes = np.zeros((frames, 4), np.int32)
     for b in sorted(shapes):
-        decode(audio, [rng.standard_normal((frames, 768), dtype=np.float32) for _ in range(b)], cuda)
+        decode(audio, [(codes, rng.standard_normal((frames, 768), dtype=np.float32))
+                       for _ in range(b)], cuda)
     triton_kernels("tune_cache").save()          # the picks on disk: the next process skips tuning
 
 
@@ -148,7 +146,7 @@ def child_engine(args) -> None:
             t_start = time.time()
             res = tts.infer_code(texts, ps, use_tqdm=False)
             t_gpt = time.time()
-            samples = decode(audio, [x.hidden for x in res], cuda)
+            samples = decode(audio, [(x.codes, x.hidden) for x in res], cuda)
             t_end = time.time()
             out.update(frames=sum(x.num_frames for x in res), samples=samples, t_go=t_go,
                        t_start=t_start, t_gpt_end=t_gpt, t_end=t_end, gpt_s=t_gpt - t_start,

@@ -19,7 +19,7 @@ from chattts_vllm.gpt.requests import (CodeResult, code_request, collect_code_re
                                        refine_request, refine_result_ids)
 from chattts_vllm.runners.outputs import FrameReader
 from chattts_vllm.params import InferCodeParams, RefineTextParams
-from chattts_vllm.serving.pipeline import SpeechPlan, decode_utterance
+from chattts_vllm.serving.pipeline import SpeechPlan, decode_utterances
 from chattts_vllm.serving.pipeline import split_text as _split
 from chattts_vllm.text.prompt import ChatTTSTokenizer, refine_ids_to_text
 from chattts_vllm.text.speaker import SpeakerStats, resolve_voice
@@ -144,7 +144,7 @@ class ChatTTS:
         results = self.infer_code(sentences, [f[1] for f in flat], voices=[f[2] for f in flat],
                                   use_tqdm=use_tqdm)
         models = self.audio_models()
-        wavs = [decode_utterance(models, r.codes, r.hidden, use_decoder) for r in results]
+        wavs = decode_utterances(models, [(r.codes, r.hidden) for r in results], use_decoder)
         out, k = [], 0
         for plan in plans:
             n = len(plan.sentences)

@@ -65,16 +65,43 @@ def frames_input(codes: np.ndarray, hidden: np.ndarray, use_decoder: bool = True
     return torch.from_numpy(hidden if use_decoder else codes.astype(np.int64))
 
 
+def _decode_rows(models: AudioModels, x: torch.Tensor, use_decoder: bool) -> np.ndarray:
+    """(B, T, ...) equal-length utterances -> (B, 512·T − 256) float32 samples."""
+    x = x.to(models.vocos.head.out.weight.device)
+    wav = models.vocos.decode_frames(mel_model(models, use_decoder).decode_frames(x))
+    return wav.float().cpu().numpy()
+
+
 @torch.inference_mode()
 def decode_utterance(models: AudioModels, codes: np.ndarray, hidden: np.ndarray,
                      use_decoder: bool = True) -> np.ndarray:
     """One utterance in one shot: T frames -> 512·T − 256 samples (float32, 24 kHz)."""
     if len(codes) == 0:
         return np.zeros(0, np.float32)
-    mel_net = mel_model(models, use_decoder)
-    x = frames_input(codes, hidden, use_decoder).to(models.vocos.head.out.weight.device)
-    wav = models.vocos.decode_frames(mel_net.decode_frames(x[None]))[0]
-    return wav.float().cpu().numpy()
+    return _decode_rows(models, frames_input(codes, hidden, use_decoder)[None], use_decoder)[0]
+
+
+@torch.inference_mode()
+def decode_utterances(models: AudioModels, frames: list[tuple[np.ndarray, np.ndarray]],
+                      use_decoder: bool = True, max_batch: int = 64) -> list[np.ndarray]:
+    """Many (codes, hidden) utterances, each decoded as `decode_utterance` decodes it alone.
+
+    Utterances of equal length share batched calls of up to `max_batch` rows (the networks' rows
+    are independent, so only the speed changes): a batch of 512 offline requests is a few dozen
+    launches sequences instead of 512. Lengths are not padded to share a batch, since a row's
+    right edge would then see padding instead of its own ending."""
+    out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(frames)
+    by_length: dict[int, list[int]] = {}
+    for i, (codes, _) in enumerate(frames):
+        if len(codes):
+            by_length.setdefault(len(codes), []).append(i)
+    for rows in by_length.values():
+        for k in range(0, len(rows), max_batch):
+            chunk = rows[k:k + max_batch]
+            x = torch.stack([frames_input(*frames[i], use_decoder) for i in chunk])
+            for i, wav in zip(chunk, _decode_rows(models, x, use_decoder)):
+                out[i] = wav
+    return out
 
 
 def stream_decoder(models: AudioModels, use_decoder: bool = True) -> StreamingDecoder:

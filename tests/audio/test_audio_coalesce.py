@@ -15,7 +15,7 @@ from streaming import stream
 from chattts_vllm.audio.checkpoint import (AudioModels, decoder_shapes, load_decoder, load_vocos,
                                            random_state_dict, vocos_shapes)
 from chattts_vllm.audio.coalesce import CoalescedNet, Coalescer, coalesced_models
-from chattts_vllm.serving.pipeline import decode_utterance
+from chattts_vllm.serving.pipeline import decode_utterance, decode_utterances
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 TOL = 1e-5
@@ -219,6 +219,22 @@ def test_whole_file_path_through_coalescer_equals_plain(tiny_models):
     for g, r in zip(got, ref):
         assert g.shape == r.shape and np.abs(g - r).max() <= TOL
     assert stats.batched_calls >= 2 and stats.largest >= 3
+
+
+def test_decode_utterances_equals_each_alone(tiny_models):
+    """The offline batch decode (equal lengths share batched calls, max_batch 2 here so a length
+    group spans several calls) == each utterance decoded alone, empty ones included."""
+    dec, voc = tiny_models
+    plain = AudioModels(dec, None, voc)
+    rng = np.random.default_rng(1)
+    lengths = (30, 41, 30, 0, 30, 41, 7)
+    frames = [(np.zeros((t, 4), np.int32), rng.standard_normal((t, 16)).astype(np.float32))
+              for t in lengths]
+    ref = [decode_utterance(plain, c, h) for c, h in frames]
+    got = decode_utterances(plain, frames, max_batch=2)
+    assert [len(g) for g in got] == [len(r) for r in ref] == [max(0, 512 * t - 256) for t in lengths]
+    for g, r in zip(got, ref):
+        assert g.dtype == np.float32 and (g.size == 0 or np.abs(g - r).max() <= TOL)
 
 
 @pytest.mark.gpu
