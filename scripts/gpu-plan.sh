@@ -30,7 +30,7 @@
 #                                       #   TTFA while card 1 runs the GPU tests and MRv2      (~9 min)
 #   bash scripts/gpu-plan.sh engines    # card 0 alone: 2 engines x 256                       (~2 min)
 #   bash scripts/gpu-plan.sh ttfa       # card 0 alone: TTFA, lockstep, staggered arrivals, then
-#                                       #   lockstep with vLLM's --stream-interval 6          (~10 min)
+#                                       #   lockstep with vLLM's --stream-interval 5          (~10 min)
 #   bash scripts/gpu-plan.sh mps        # card 0 alone: 2 and 3 engines under MPS, bf16 / fp8 KV (~9 min)
 #   bash scripts/gpu-plan.sh measure    # card 0: throughput + stock, then the ChatTTS host   (~9 min)
 #                                       #         profile (per step vs per batch)
@@ -193,11 +193,11 @@ case "${1:-}" in
     SERVING_TIMEOUT=280 OUT=$W card0 bash scripts/gpu-check.sh serving --first-chunk-frames 6 \
         --arrivals staggered --rounds 3 --tag staggered > /dev/null 2>&1
     mv $W/bench-serving.log $W/bench-serving-staggered.log
-    # vLLM's --stream-interval 6: the engine's outputs reach the API process every 6 frames, not
+    # vLLM's --stream-interval 5: the engine's outputs reach the API process every 5 frames, not
     # every frame (64 streams: ~17,000 outputs a second less for its event loop).
-    SERVE_EXTRA="--stream-interval 6" SERVING_TIMEOUT=250 OUT=$W card0 bash scripts/gpu-check.sh \
-        serving --first-chunk-frames 6 --tag interval6 > /dev/null 2>&1
-    mv $W/bench-serving.log $W/bench-serving-interval6.log
+    SERVE_EXTRA="--stream-interval 5" SERVING_TIMEOUT=250 OUT=$W card0 bash scripts/gpu-check.sh \
+        serving --first-chunk-frames 6 --tag interval5 > /dev/null 2>&1
+    mv $W/bench-serving.log $W/bench-serving-interval5.log
     serving_table ;;
   mps)
     # Card 0 alone: 2 and 3 engines under MPS (kernels of the engine processes run side by side

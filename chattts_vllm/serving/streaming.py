@@ -154,11 +154,14 @@ class Utterance:
 
     def __init__(self, engine, ep: EnginePrompt, request_id: str, final_only: bool = False):
         self.reader = FrameReader(ep.sink)
-        if final_only:
-            # Nobody reads frames before the end: skip the per-step output the engine would
-            # build and deliver for this request (one Python wake-up per frame otherwise).
-            ep = replace(ep, sampling_params=ep.sampling_params.clone())
-            ep.sampling_params.output_kind = RequestOutputKind.FINAL_ONLY
+        ep = replace(ep, sampling_params=ep.sampling_params.clone())
+        # final_only: nobody reads frames before the end, so the engine builds and delivers no
+        # per-step output for this request (one Python wake-up per frame otherwise). Streams take
+        # deltas: vLLM's `--stream-interval N` then sends one output per N frames (it cannot
+        # thin cumulative outputs), and no output copies the ids sent before.
+        ep.sampling_params.output_kind = (RequestOutputKind.FINAL_ONLY if final_only
+                                          else RequestOutputKind.DELTA)
+        self.cumulative = final_only
         self.prompt_tokens = len(ep.prompt["prompt_token_ids"])
         self.token_ids: list[int] = []
         self.frames = 0
@@ -171,7 +174,10 @@ class Utterance:
     async def _follow(self, engine, ep: EnginePrompt, request_id: str) -> None:
         try:
             async for out in engine.generate(ep.prompt, ep.sampling_params, request_id):
-                self.token_ids = out.outputs[0].token_ids
+                if self.cumulative:
+                    self.token_ids = list(out.outputs[0].token_ids)
+                else:
+                    self.token_ids.extend(out.outputs[0].token_ids)
                 self.frames = num_frames(self.token_ids)
                 if self.frames >= self._want:
                     self._changed.set()

@@ -110,7 +110,8 @@ def test_demo_checkpoint_is_written_once(tmp_path, monkeypatch):
 
 
 def test_whole_file_jobs_ask_the_engine_for_the_final_output_only(tmp_path, monkeypatch):
-    """A non-streamed request reads frames only at the end: no per-step outputs (CPU cost)."""
+    """A non-streamed request reads frames only at the end: no per-step outputs (CPU cost). A
+    stream asks for deltas (which vLLM's --stream-interval can thin) and joins them."""
     import asyncio
 
     from vllm import SamplingParams
@@ -122,10 +123,17 @@ def test_whole_file_jobs_ask_the_engine_for_the_final_output_only(tmp_path, monk
     monkeypatch.setenv("CHATTTS_VLLM_FRAME_DIR", str(tmp_path))
     seen: list = []
 
+    def out(ids):
+        return type("Out", (), {"outputs": [type("C", (), {"token_ids": ids})()]})()
+
     class Engine:
         async def generate(self, prompt, sampling_params, request_id):
             seen.append(sampling_params.output_kind)
-            yield type("Out", (), {"outputs": [type("C", (), {"token_ids": [1, 2, 625]})()]})()
+            if sampling_params.output_kind == RequestOutputKind.DELTA:
+                for ids in ([1], [2, 3], [625]):
+                    yield out(ids)
+            else:
+                yield out([1, 2, 625])
 
     def prompt():
         return EnginePrompt({"prompt_token_ids": [1]}, SamplingParams(max_tokens=4), "abcdefgh12")
@@ -140,8 +148,9 @@ def test_whole_file_jobs_ask_the_engine_for_the_final_output_only(tmp_path, monk
     kind, frames = asyncio.run(go(True))
     assert seen[-1] == RequestOutputKind.FINAL_ONLY and frames == 2
     assert kind == RequestOutputKind.CUMULATIVE          # the caller's params are not modified
-    asyncio.run(go(False))
-    assert seen[-1] == RequestOutputKind.CUMULATIVE
+    kind, frames = asyncio.run(go(False))
+    assert seen[-1] == RequestOutputKind.DELTA and frames == 3
+    assert kind == RequestOutputKind.CUMULATIVE
 
 
 def test_stream_reader_wakes_once_per_wait_not_per_frame(tmp_path, monkeypatch):
@@ -158,9 +167,9 @@ def test_stream_reader_wakes_once_per_wait_not_per_frame(tmp_path, monkeypatch):
 
     class Engine:
         async def generate(self, prompt, sampling_params, request_id):
-            for n in range(1, 61):
+            for n in range(60):                  # one frame per output, as deltas
                 await asyncio.sleep(0)
-                yield type("Out", (), {"outputs": [type("C", (), {"token_ids": list(range(n))})()]})()
+                yield type("Out", (), {"outputs": [type("C", (), {"token_ids": [n]})()]})()
 
     class CountingEvent(asyncio.Event):
         sets = 0
@@ -180,7 +189,7 @@ def test_stream_reader_wakes_once_per_wait_not_per_frame(tmp_path, monkeypatch):
         return frames, sets
 
     frames, sets = asyncio.run(go())
-    assert frames >= 40 and sets <= 2
+    assert 40 <= frames < 60 and sets <= 2
 
 
 def test_server_audio_defaults_to_bf16_on_the_gpu(monkeypatch):
