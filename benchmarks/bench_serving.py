@@ -20,7 +20,7 @@ Writes benchmarks/results/serving-<card>-<date>[-tag].json (+ .png) and prints a
 `--min-new-token`/`--max-new-token` fix the utterance length (random weights end early).
 `--arrivals staggered` spreads the clients' starts over one request's duration, so that a level is
 the steady state of that many streams instead of repeated bursts of simultaneous arrivals (the
-default, `lockstep`, with equal-length requests).
+default, `lockstep`, with equal-length requests); `--arrivals lockstep staggered` measures both.
 """
 from __future__ import annotations
 
@@ -91,12 +91,12 @@ async def loop_lag(lags: list[float], stop: asyncio.Event, period: float = 1e-3)
 
 
 async def run_level(url: str, body: dict, concurrency: int, rounds: int, bar: tqdm,
-                    spread_s: float = 0.0) -> dict:
-    """One level. `spread_s` > 0 (staggered arrivals): client w starts w / concurrency of that
-    span late and the latency figures skip each client's first request (the ramp), so they are the
-    steady state of `concurrency` streams whose arrivals are spread over one request's duration;
-    0 (lockstep): all clients start together, and equal-length requests keep every round a burst
-    of `concurrency` simultaneous arrivals."""
+                    arrivals: str = "lockstep", spread_s: float = 0.0) -> dict:
+    """One level. "staggered" arrivals: client w starts w / concurrency of `spread_s` late (one
+    request's duration) and the latency figures skip each client's first request (the ramp), so
+    they are the steady state of `concurrency` streams; "lockstep": all clients start together, and
+    equal-length requests keep every round a burst of `concurrency` simultaneous arrivals."""
+    staggered = arrivals == "staggered"
     results: list[dict] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     lags: list[float] = []
@@ -105,12 +105,12 @@ async def run_level(url: str, body: dict, concurrency: int, rounds: int, bar: tq
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
         async def worker(w: int) -> None:
-            if spread_s:
+            if staggered:
                 await asyncio.sleep(spread_s * w / concurrency)
             for k in range(rounds):
                 seed = None if body.get("seed") is None else body["seed"] + w * rounds + k
                 results.append({**await one_request(client, url, {**body, "seed": seed}),
-                                "ramp": bool(spread_s) and k == 0 and rounds > 1})
+                                "ramp": staggered and k == 0 and rounds > 1})
                 bar.update()
 
         t0 = time.perf_counter()
@@ -128,7 +128,7 @@ async def run_level(url: str, body: dict, concurrency: int, rounds: int, bar: tq
     stall = np.array([r["stall_s"] for r in ok]) * 1e3
     pct = (lambda a, q: float(np.percentile(a, q)) if a.size else None)
     return dict(concurrency=concurrency, first_chunk_frames=body.get("stream_first_chunk_frames", 0),
-                arrivals="staggered" if spread_s else "lockstep", spread_s=spread_s,
+                arrivals=arrivals, spread_s=spread_s if staggered else 0.0,
                 requests=len(results), errors=len(errors), first_error=errors[0] if errors else None,
                 ttfa_p50_ms=pct(ttfa, 50), ttfa_p95_ms=pct(ttfa, 95), ttfa_p99_ms=pct(ttfa, 99),
                 ttfa_mean_ms=float(ttfa.mean()) if ttfa.size else None,
@@ -288,7 +288,7 @@ def main() -> None:
     ap.add_argument("--serve-layers", type=int, default=20, help="layers of the random checkpoint")
     ap.add_argument("--serve-args", default="", help="extra `chattts-vllm serve` flags, one string")
     ap.add_argument("--serve-timeout", type=float, default=420, help="seconds to wait for /health")
-    ap.add_argument("--arrivals", choices=("lockstep", "staggered"), default="lockstep",
+    ap.add_argument("--arrivals", nargs="+", choices=("lockstep", "staggered"), default=["lockstep"],
                     help="lockstep: all clients start together (equal-length requests keep each round "
                          "a burst); staggered: client starts spread over one request's duration (from "
                          "the warm-up), latency from each client's second request on")
@@ -328,13 +328,12 @@ def main() -> None:
     except ImportError:                              # a GPU box without matplotlib: JSON only
         print("matplotlib not installed: no plot")
 
-    print(f"\narrivals: {args.arrivals}")
-    print(f"\n{'mode':>8} {'conc':>5} {'reqs':>5} {'err':>4} {'ttfa p50':>9} {'ttfa p95':>9} "
+    print(f"\n{'arrivals':>9} {'mode':>8} {'conc':>5} {'reqs':>5} {'err':>4} {'ttfa p50':>9} {'ttfa p95':>9} "
           f"{'mean':>6} {'srv':>5} {'lag99':>5} "
           f"{'stall p95':>9} {'rtf p50':>8} {'audio s/s':>10} {'jobs/call':>9}  server ms: "
           f"{'prep':>5} {'engine':>6} {'decode':>6} {'ttft':>5} {'itl':>5}")
     for r in rows:
-        print(f"{'exact' if not r['first_chunk_frames'] else 'F=' + str(r['first_chunk_frames']):>8} "
+        print(f"{r['arrivals']:>9} {'exact' if not r['first_chunk_frames'] else 'F=' + str(r['first_chunk_frames']):>8} "
               f"{r['concurrency']:>5} {r['requests']:>5} {r['errors']:>4} {r['ttfa_p50_ms'] or 0:>7.0f}ms "
               f"{r['ttfa_p95_ms'] or 0:>7.0f}ms {r.get('ttfa_mean_ms') or 0:>6.0f} "
               f"{r.get('server_ttfa_mean_ms') or 0:>5.0f} {r.get('client_loop_lag_p99_ms') or 0:>5.1f} "
@@ -356,22 +355,21 @@ def bench(url: str, args) -> tuple[list[dict], str, dict]:
     modes = [{} if not f else {"stream_first_chunk_frames": f} for f in args.first_chunk_frames]
     # Warm-up, not measured: every (concurrency, mode) level once, so that the audio kernels' JIT
     # for each coalesced batch shape happens here, as it would in a server's first minutes.
-    spread = {}
+    # A level's wall time here is also the span staggered arrivals spread the clients' starts over.
+    wall = {}
     for c in args.concurrency:
         for m in modes:
             warm = asyncio.run(run_level(url, {**body, **m}, c, 1, tqdm(disable=True)))
-            spread[c, m.get("stream_first_chunk_frames", 0)] = (
-                warm["wall_s"] if args.arrivals == "staggered" and c > 1 else 0.0)
-    total = sum(args.concurrency) * args.rounds * len(modes)
+            wall[c, m.get("stream_first_chunk_frames", 0)] = warm["wall_s"]
+    total = sum(args.concurrency) * args.rounds * len(modes) * len(args.arrivals)
     with tqdm(total=total, unit="req", desc="bench_serving") as bar:
-        for c in args.concurrency:
-            for m in modes:
-                before = server_series(url)
-                rows.append(asyncio.run(run_level(url, {**body, **m}, c, args.rounds, bar,
-                                                  spread[c, m.get("stream_first_chunk_frames", 0)])))
-                rows[-1].update(server_view(before, server_series(url)))
-                bar.set_postfix(c=c, f=rows[-1]["first_chunk_frames"],
-                                ttfa_p50=f"{rows[-1]['ttfa_p50_ms'] or 0:.0f}ms")
+        for c, m, a in ((c, m, a) for c in args.concurrency for m in modes for a in args.arrivals):
+            spread = wall[c, m.get("stream_first_chunk_frames", 0)] if a == "staggered" else 0.0
+            before = server_series(url)
+            rows.append(asyncio.run(run_level(url, {**body, **m}, c, args.rounds, bar, a, spread)))
+            rows[-1].update(server_view(before, server_series(url)))
+            bar.set_postfix(c=c, f=rows[-1]["first_chunk_frames"], a=a,
+                            ttfa_p50=f"{rows[-1]['ttfa_p50_ms'] or 0:.0f}ms")
     return rows, model, body
 
 

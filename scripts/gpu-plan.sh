@@ -29,8 +29,8 @@
 #   bash scripts/gpu-plan.sh final      # card 0 alone: throughput + stock; then card 0 serving
 #                                       #   TTFA while card 1 runs the GPU tests and MRv2      (~9 min)
 #   bash scripts/gpu-plan.sh engines    # card 0 alone: 2 engines x 256                       (~2 min)
-#   bash scripts/gpu-plan.sh ttfa       # card 0 alone: TTFA, lockstep, staggered arrivals, then
-#                                       #   lockstep with vLLM's --stream-interval 5          (~10 min)
+#   bash scripts/gpu-plan.sh ttfa       # card 0 alone: TTFA, lockstep and staggered arrivals,
+#                                       #   then both with vLLM's --stream-interval 5         (~10 min)
 #   bash scripts/gpu-plan.sh mps        # card 0 alone: 2 and 3 engines under MPS, bf16 / fp8 KV (~9 min)
 #   bash scripts/gpu-plan.sh measure    # card 0: throughput + stock, then the ChatTTS host   (~9 min)
 #                                       #         profile (per step vs per batch)
@@ -186,17 +186,16 @@ case "${1:-}" in
         --time-limit 390 > $W/engines.log 2>&1; echo "engines rc $?" >> $W/engines.log
     grep -h "round\|best\|rc " $W/engines*.log ;;
   ttfa)
-    # Card 0 alone: TTFA at 1 and 64 streams, F = 6, with lockstep arrivals (each round a burst of
-    # 64) and then staggered arrivals (the steady state of 64 streams).
-    SERVING_TIMEOUT=250 OUT=$W card0 bash scripts/gpu-check.sh serving --first-chunk-frames 6 \
-        --tag lockstep > /dev/null 2>&1; mv $W/bench-serving.log $W/bench-serving-lockstep.log
-    SERVING_TIMEOUT=280 OUT=$W card0 bash scripts/gpu-check.sh serving --first-chunk-frames 6 \
-        --arrivals staggered --rounds 3 --tag staggered > /dev/null 2>&1
-    mv $W/bench-serving.log $W/bench-serving-staggered.log
-    # vLLM's --stream-interval 5: the API process hands each stream an output every 5 frames, not
-    # every frame (64 streams at ~4 ms a step: ~17,000 outputs and wake-ups a second, a fifth left).
-    SERVE_EXTRA="--stream-interval 5" SERVING_TIMEOUT=250 OUT=$W card0 bash scripts/gpu-check.sh \
-        serving --first-chunk-frames 6 --tag interval5 > /dev/null 2>&1
+    # Card 0 alone: TTFA at 1 and 64 streams, F = 6, lockstep arrivals (each round a burst of 64)
+    # and staggered ones (the steady state of 64 streams); then the same with vLLM's
+    # --stream-interval 5: the API process hands each stream an output every 5 frames, not every
+    # frame (64 streams at ~4 ms a step: ~17,000 outputs and wake-ups a second, a fifth left).
+    SERVING_TIMEOUT=290 OUT=$W card0 bash scripts/gpu-check.sh serving --first-chunk-frames 6 \
+        --arrivals lockstep staggered --rounds 3 --tag arrivals > /dev/null 2>&1
+    mv $W/bench-serving.log $W/bench-serving-arrivals.log
+    SERVE_EXTRA="--stream-interval 5" SERVING_TIMEOUT=290 OUT=$W card0 bash scripts/gpu-check.sh \
+        serving --first-chunk-frames 6 --arrivals lockstep staggered --rounds 3 --tag interval5 \
+        > /dev/null 2>&1
     mv $W/bench-serving.log $W/bench-serving-interval5.log
     serving_table ;;
   mps)

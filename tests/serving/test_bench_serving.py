@@ -39,15 +39,19 @@ def test_bench_serving_smoke(server, tmp_path):
 
 
 def test_bench_serving_staggered_arrivals(server, tmp_path):
-    """Staggered arrivals: client starts spread over one request's duration (from the warm-up);
-    each client's first request is the ramp and stays out of the latency figures."""
+    """Both arrival patterns in one run. Staggered: client starts spread over one request's
+    duration (from the warm-up); each client's first request is the ramp and stays out of the
+    latency figures."""
     r = subprocess.run([sys.executable, str(BENCH), server.url, "--concurrency", "2",
-                        "--rounds", "2", "--arrivals", "staggered", "--tag", "stagger",
+                        "--rounds", "2", "--arrivals", "lockstep", "staggered", "--tag", "stagger",
                         "--out-dir", str(tmp_path), "--min-new-token", "30", "--max-new-token", "30"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(next(tmp_path.glob("serving-*-stagger.json")).read_text())
-    (row,) = data["rows"]
-    assert data["arrivals"] == row["arrivals"] == "staggered" and row["spread_s"] > 0
-    assert row["requests"] == 2 and row["errors"] == 0           # 2 clients x 2 rounds, ramp excluded
-    assert row["audio_s_total"] > 0 and row["ttfa_p50_ms"] > 0
+    lock, stag = data["rows"]
+    assert data["arrivals"] == ["lockstep", "staggered"]
+    assert (lock["arrivals"], stag["arrivals"]) == ("lockstep", "staggered")
+    assert lock["spread_s"] == 0 and stag["spread_s"] > 0
+    assert lock["requests"] == 4 and stag["requests"] == 2      # 2 clients x 2 rounds; ramp excluded
+    for row in (lock, stag):
+        assert row["errors"] == 0 and row["audio_s_total"] > 0 and row["ttfa_p50_ms"] > 0
