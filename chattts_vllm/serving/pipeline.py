@@ -86,10 +86,11 @@ def decode_utterances(models: AudioModels, frames: list[tuple[np.ndarray, np.nda
                       use_decoder: bool = True, max_batch: int = 64) -> list[np.ndarray]:
     """Many (codes, hidden) utterances, each decoded as `decode_utterance` decodes it alone.
 
-    Utterances of equal length share batched calls of up to `max_batch` rows (the networks' rows
-    are independent, so only the speed changes): a batch of 512 offline requests is a few dozen
-    launches sequences instead of 512. Lengths are not padded to share a batch, since a row's
-    right edge would then see padding instead of its own ending."""
+    Utterances of equal length share batched calls of up to `max_batch` rows (rows are
+    independent in these networks, so results match the one-by-one decode up to the kernels'
+    rounding): a batch of 512 offline requests is a few dozen launch sequences instead of 512.
+    Lengths are not padded to share a batch, since a row's right edge would then see padding
+    instead of its own ending."""
     out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(frames)
     by_length: dict[int, list[int]] = {}
     for i, (codes, _) in enumerate(frames):
