@@ -84,7 +84,10 @@ class FrameSinkWorker : public torch::CustomClassHolder {
     const int64_t seq = job->seq;
     cudaError_t err = cudaLaunchHostFunc(reinterpret_cast<cudaStream_t>(stream), &on_stream, job);
     if (err != cudaSuccess) {
-      enqueue(job);  // never lose a step: the caller's buffer is in flight, so finish it anyway
+      // The copy may not have landed: write nothing, but complete the step so no wait hangs.
+      job->base.clear();
+      job->capacity.clear();
+      enqueue(job);
       TORCH_CHECK(false, "FrameSinkWorker: cudaLaunchHostFunc failed: ", cudaGetErrorString(err));
     }
     return seq;
