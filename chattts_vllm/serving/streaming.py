@@ -292,10 +292,12 @@ class SpeechJob:
                         yield wav
                 if ended:
                     break
+            t_frames = time.perf_counter()
             tail = await audio.run(lambda: dec.flush().float().cpu().numpy())
             tail = splice(tail) if splice is not None else tail
             u.close()
             if tail.size:
+                self._stamp_first_audio(t_frames)   # a sentence shorter than the lookahead
                 yield tail
 
     def _stamp_first_audio(self, frames_at: float) -> None:

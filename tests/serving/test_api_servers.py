@@ -1,0 +1,68 @@
+"""`chattts-vllm serve ... --api-server-count 2`: vLLM's own front-end scale-out, with the speech
+endpoint in every API server process.
+
+Each API process has its own event loop, audio models and decode thread pool, so the per-frame
+Python work of many streams is split between processes (the lever for time to first audio at 64
+streams). What must hold: every process serves speech, a request's audio does not depend on which
+process took it, and /metrics adds up the processes' speech series.
+"""
+from __future__ import annotations
+
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests.live_server import free_port, live_server
+from tests.serving.conftest import CLI, MODEL, SR
+
+FRAMES = 30
+BODY = dict(model=MODEL, input="Two front ends, one engine.", voice="alloy", seed=21,
+            min_new_token=FRAMES, max_new_token=FRAMES, response_format="pcm")
+
+
+def _metric(url: str, name: str) -> float:
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+@pytest.fixture(scope="module")
+def two_front_ends(serving_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("api-servers")
+    port, log = free_port(), root / "serve.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "CHATTTS_VLLM_FRAME_DIR": str(root / "frames"),
+           "CHATTTS_VLLM_AUDIO_THREADS": "2"}
+    env.pop("VLLM_PLUGINS", None)
+    argv = [CLI, "serve", str(serving_model_dir), "--port", str(port), "--dtype", "float32",
+            "--max-model-len", "1024", "--enforce-eager", "--max-num-seqs", "32",
+            "--api-server-count", "2"]
+    url = f"http://127.0.0.1:{port}"
+    with live_server(argv, env, log, f"{url}/health"):
+        yield url, log
+
+
+def test_every_api_process_serves_the_same_audio(two_front_ends):
+    url, log = two_front_ends
+    ttfa_before = _metric(url, "chattts_speech_time_to_first_audio_seconds_count")
+
+    def one(stream: bool) -> bytes:
+        body = {**BODY, "stream_format": "audio"} if stream else BODY
+        with requests.post(f"{url}/v1/audio/speech", json=body, stream=stream, timeout=300) as r:
+            assert r.status_code == 200, r.text
+            return b"".join(r.iter_content(None))
+
+    # 16 connections: the kernel spreads them over both processes' shared port.
+    with ThreadPoolExecutor(16) as pool:
+        streamed = list(pool.map(one, [True] * 12))
+        whole = list(pool.map(one, [False] * 4))
+    assert len(streamed[0]) >= 2 * (FRAMES - 1) * 512      # pcm int16, ~512 samples per frame
+    assert all(s == streamed[0] for s in streamed + whole)
+
+    served_by = set(re.findall(r"\(ApiServer_(\d+) pid=\d+\).*POST /v1/audio/speech", log.read_text()))
+    assert served_by == {"0", "1"}
+    # Both processes' first-audio observations reach the one /metrics.
+    assert _metric(url, "chattts_speech_time_to_first_audio_seconds_count") == ttfa_before + 12
+    assert _metric(url, "chattts_speech_audio_seconds_total") >= 16 * (FRAMES - 1) * 512 / SR
