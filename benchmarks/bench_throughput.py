@@ -5,8 +5,8 @@ end to end (GPT, then Decoder + Vocos on the same GPU, audio copied to host memo
 on a same-shape Llama (20 layers, hidden 768, vocab 626, one head) as the ceiling, all in the same
 run. Both engines get the same tuning: CUDA graphs up to the largest batch (at least 512),
 `max_num_batched_tokens` 65,536, `gpu_memory_utilization` 0.85. Each engine runs in its own
-subprocess (engine core in-process: VLLM_ENABLE_V1_MULTIPROCESSING=0 unless set) so that GPU
-memory is returned between them.
+subprocess (engine core in-process: VLLM_ENABLE_V1_MULTIPROCESSING=0 unless set; the JSON's
+`engine_core` says which) so that GPU memory is returned between them.
 
     python benchmarks/bench_throughput.py [--batches 1 64 256 512 1024] [--frames 470]
 
@@ -20,7 +20,7 @@ each N gets its own set of processes. Rows go to the `engines` section; `best_co
 end-to-end row of either section.
 
 Levers: `--kv-cache-dtype fp8` (both ChatTTS and stock; sweep rows then go to `variants`), `--mps`
-(run the engines under an NVIDIA MPS daemon started and stopped by this script; untested).
+(run the engines under an NVIDIA MPS daemon started and stopped by this script).
 
 Writes (merges into) benchmarks/results/throughput-<card>-<date>[-tag].json and a plot; prints a
 short table last. `--smoke` runs a tiny CPU-sized version (2 layers, 16 frames) of the same code.
@@ -481,7 +481,7 @@ def main() -> None:
     p.add_argument("--engines", type=int, nargs="+", default=None,
                    help="several engine processes per GPU: engine counts to measure (skips the sweep)")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto (= model dtype) or fp8")
-    p.add_argument("--mps", action="store_true", help="run the engines under an MPS daemon (untested)")
+    p.add_argument("--mps", action="store_true", help="run the engines under an MPS daemon")
     p.add_argument("--skip-stock", action="store_true")
     p.add_argument("--time-limit", type=float, default=510,
                    help="seconds; rounds not finished by then are dropped and the results written")
@@ -554,8 +554,9 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"throughput-{card}-{date}{'-' + args.tag if args.tag else ''}.json"
     data = json.loads(path.read_text()) if path.exists() else {}
+    core = "in-process" if env.get("VLLM_ENABLE_V1_MULTIPROCESSING") in ("0", "false") else "own process"
     data.update(card=card, date=date, vllm=vllm.__version__, frames=args.frames,
-                num_layers=args.num_layers, dtype=args.dtype)
+                num_layers=args.num_layers, dtype=args.dtype, engine_core=core)
     rows = []
     for r in sweep:
         row = {k: v for k, v in r.items() if k not in ("engines", "shares", "per_engine_gpt_s", "start_skew_s",

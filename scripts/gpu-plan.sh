@@ -32,6 +32,9 @@
 #   bash scripts/gpu-plan.sh ttfa       # card 0 alone: TTFA, lockstep and staggered arrivals,
 #                                       #   then both with vLLM's --stream-interval 5         (~10 min)
 #   bash scripts/gpu-plan.sh mps        # card 0 alone: 2 and 3 engines under MPS, bf16 / fp8 KV (~9 min)
+#   bash scripts/gpu-plan.sh fronts     # one card: TTFA with 1, then 4 API server processes (~8 min)
+#   bash scripts/gpu-plan.sh mpsengines # one card: stock + 1 engine, then 2 / 3 engines under MPS (~9 min)
+#   bash scripts/gpu-plan.sh tests1     # one card: GPU tests of the newest serving / sink code  (~6 min)
 #   bash scripts/gpu-plan.sh measure    # card 0: throughput + stock, then the ChatTTS host   (~9 min)
 #                                       #         profile (per step vs per batch)
 #                                       # card 1: serving TTFA with the audio's CUDA graphs
@@ -54,6 +57,8 @@ mkdir -p ~/.cache/chattts_vllm
 [ -d .gpu-bundle/tune-cache ] && cp -n .gpu-bundle/tune-cache/*.json ~/.cache/chattts_vllm/ 2>/dev/null
 py=python3
 half=$(( $(nproc) / 2 ))
+# One card (nvidia-h200): its jobs get every core.
+[ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" = 1 ] && half=$(nproc)
 pin() { if command -v taskset > /dev/null; then taskset -c "$@"; else shift; "$@"; fi; }
 card0() { CUDA_VISIBLE_DEVICES=0 pin 0-$((half - 1)) "$@"; }
 card1() { CUDA_VISIBLE_DEVICES=1 pin $half-$((2 * half - 1)) "$@"; }
@@ -207,6 +212,34 @@ case "${1:-}" in
         --kv-cache-dtype fp8 --time-limit 270 --tag mps-fp8 > $W/engines-mps-fp8.log 2>&1
     echo "mps fp8 rc $?" >> $W/engines-mps-fp8.log
     grep -h "round\|best\|rc \|MPS" $W/engines-mps*.log ;;
+  fronts)
+    # One card: TTFA at 1 and 64 streams, F = 6, lockstep and staggered arrivals, with one API
+    # server process, then with four (vLLM's --api-server-count: each process has its own event
+    # loop, audio models and decode pool, so the per-frame Python work of 64 streams is split).
+    SERVING_TIMEOUT=280 OUT=$W card0 bash scripts/gpu-check.sh serving --first-chunk-frames 6 \
+        --arrivals lockstep staggered --rounds 3 --tag asc1 > /dev/null 2>&1
+    mv $W/bench-serving.log $W/bench-serving-asc1.log
+    SERVE_EXTRA="--api-server-count 4" SERVING_TIMEOUT=250 OUT=$W card0 bash scripts/gpu-check.sh \
+        serving --first-chunk-frames 6 --arrivals lockstep staggered --rounds 3 --tag asc4 > /dev/null 2>&1
+    mv $W/bench-serving.log $W/bench-serving-asc4.log
+    serving_table ;;
+  mpsengines)
+    # One card: stock and one ChatTTS engine at batch 512 (same run), then 2 and 3 ChatTTS
+    # engines under MPS (kernels of the engine processes side by side, not time-sliced).
+    card0 timeout 270 $py benchmarks/bench_throughput.py --batches 512 --time-limit 260 \
+        > $W/throughput.log 2>&1; echo "throughput rc $?" >> $W/throughput.log
+    card0 timeout 300 $py benchmarks/bench_throughput.py --engines 2 3 --batches 512 --skip-stock --mps \
+        --time-limit 290 > $W/engines-mps.log 2>&1; echo "mps rc $?" >> $W/engines-mps.log
+    quiet $W/throughput.log | grep -A3 "^ batch"; tail -1 $W/throughput.log
+    grep -h "round\|best\|rc \|MPS\|Error" $W/engines-mps.log ;;
+  tests1)
+    # One card: what changed since the last GPU tests (native sink failure path, early submit,
+    # delta outputs, decode_utterances), then MRv2 parity.
+    card0 timeout 330 $py -m pytest -q -m gpu tests/runners tests/kernels/test_frame_glue_gpu.py \
+        tests/audio/test_audio_stream.py tests/gpu/test_serve_gpu.py > $W/pytest-gpu.log 2>&1
+    echo "pytest rc $?" >> $W/pytest-gpu.log
+    MRV2_TIMEOUT=150 OUT=$W card0 bash scripts/gpu-check.sh mrv2 > /dev/null 2>&1
+    tail -3 $W/pytest-gpu.log; grep -E "passed|failed" $W/pytest-mrv2.log | tail -1 ;;
   profile)
     # Host profiles with the other card idle (a busy neighbour inflated 2026-11-28's per-step figure).
     card0 timeout 250 $py benchmarks/profile_gpt_step.py --batch 512 --frames 150 > $W/profile.log 2>&1
@@ -214,7 +247,7 @@ case "${1:-}" in
     grep -h "^== \|^-- thread\|^   [a-z]" $W/profile*.log | head -60 ;;
   ray)
     RAY_TIMEOUT=420 OUT=$W bash scripts/gpu-check.sh ray | tail -8 ;;
-  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile"; exit 2 ;;
+  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile|fronts|mpsengines|tests1"; exit 2 ;;
 esac
 find benchmarks/results -maxdepth 1 -newer "$stamp" \( -name '*.json' -o -name '*.png' \) -exec cp -f {} $W/ \;
 rm -f "$stamp"

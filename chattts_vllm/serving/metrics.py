@@ -1,7 +1,10 @@
 """Prometheus metrics of the speech endpoint, served on vLLM's own `/metrics`.
 
-vLLM exposes the process's default registry there (one API server; with several, only its
-multiprocess files, which these metrics do not use). What the engine's metrics cannot show:
+vLLM exposes the process's default registry there. With several API servers
+(`--api-server-count`) it serves the multiprocess files instead: prometheus_client writes the
+histograms and counters below to them in every API process (vLLM sets PROMETHEUS_MULTIPROC_DIR
+before the processes start), so they are summed over processes; the coalescer's counters, read
+from live objects, are then not served. What the engine's metrics cannot show:
 
 - time to first audio of streamed requests, split into prepare / engine / decode stages, and
   audio seconds returned;
