@@ -235,7 +235,7 @@ case "${1:-}" in
   tests1)
     # One card: what changed since the last GPU tests (native sink failure path, early submit,
     # delta outputs, decode_utterances), then MRv2 parity.
-    card0 timeout 330 $py -m pytest -q -m gpu tests/runners tests/kernels/test_frame_glue_gpu.py \
+    card0 timeout 290 $py -m pytest -q -m gpu tests/runners tests/kernels/test_frame_glue_gpu.py \
         tests/audio/test_audio_stream.py tests/gpu/test_serve_gpu.py > $W/pytest-gpu.log 2>&1
     echo "pytest rc $?" >> $W/pytest-gpu.log
     MRV2_TIMEOUT=150 OUT=$W card0 bash scripts/gpu-check.sh mrv2 > /dev/null 2>&1
