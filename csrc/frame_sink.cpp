@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -53,26 +54,81 @@ int64_t write_step(const int32_t* rec, int64_t n, int64_t words, const int64_t* 
   return dropped;
 }
 
-class FrameSinkWorker : public torch::CustomClassHolder {
- public:
-  explicit FrameSinkWorker(int64_t words) : words_(words) {
-    TORCH_CHECK(words >= 1, "FrameSinkWorker: a record needs its marker word");
-    thread_ = std::thread([this] { run(); });
+// What the worker thread and the jobs on CUDA streams share. It lives as long as its last user:
+// the Python-facing object, the thread (until it has drained the queue) or a job not yet taken.
+struct SinkState;
+
+struct SinkJob {
+  std::shared_ptr<SinkState> state;
+  at::Tensor records;
+  std::vector<int64_t> base, capacity;
+  int64_t seq;
+};
+
+struct SinkState {
+  explicit SinkState(int64_t w) : words(w) {}
+  const int64_t words;
+  std::mutex mu;
+  std::condition_variable cv, done_cv;
+  std::deque<SinkJob*> jobs;
+  int64_t on_streams = 0;  // jobs handed to cudaLaunchHostFunc, not yet queued
+  bool stop = false;
+  std::atomic<int64_t> submitted{0}, completed{0}, dropped{0};
+
+  void enqueue(SinkJob* job, bool from_stream) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (from_stream) --on_streams;
+      jobs.push_back(job);
+    }
+    cv.notify_one();
   }
 
+  // The worker thread: until stopped with nothing queued and nothing left on a stream. It holds
+  // its own reference, so the Python object can go at any time and nothing ever joins itself.
+  static void run(std::shared_ptr<SinkState> s) {
+    for (;;) {
+      SinkJob* job;
+      {
+        std::unique_lock<std::mutex> lock(s->mu);
+        s->cv.wait(lock, [&] { return !s->jobs.empty() || (s->stop && s->on_streams == 0); });
+        if (s->jobs.empty()) return;
+        job = s->jobs.front();
+        s->jobs.pop_front();
+      }
+      s->dropped += write_step(job->records.data_ptr<int32_t>(), static_cast<int64_t>(job->base.size()),
+                               s->words, job->base.data(), job->capacity.data());
+      const int64_t seq = job->seq;
+      delete job;
+      {
+        std::lock_guard<std::mutex> lock(s->mu);
+        s->completed.store(seq);
+      }
+      s->done_cv.notify_all();
+    }
+  }
+};
+
+class FrameSinkWorker : public torch::CustomClassHolder {
+ public:
+  explicit FrameSinkWorker(int64_t words) : state_(std::make_shared<SinkState>(words)) {
+    TORCH_CHECK(words >= 1, "FrameSinkWorker: a record needs its marker word");
+    std::thread(&SinkState::run, state_).detach();
+  }
+
+  // Stops the thread once every step pushed so far is written (it may outlive this object).
   ~FrameSinkWorker() override {
     {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
+      std::lock_guard<std::mutex> lock(state_->mu);
+      state_->stop = true;
     }
-    cv_.notify_all();
-    if (thread_.joinable()) thread_.join();
+    state_->cv.notify_all();
   }
 
   // Queue a step now. records [>= n, words] int32 CPU; base, capacity [n] int64.
   int64_t push(const at::Tensor& records, const at::Tensor& base, const at::Tensor& capacity) {
-    Job* job = make_job(records, base, capacity);
-    enqueue(job);
+    SinkJob* job = make_job(records, base, capacity);
+    state_->enqueue(job, false);
     return job->seq;
   }
 
@@ -80,14 +136,18 @@ class FrameSinkWorker : public torch::CustomClassHolder {
   int64_t push_after_stream(const at::Tensor& records, const at::Tensor& base,
                             const at::Tensor& capacity, int64_t stream) {
 #ifdef CHATTTS_WITH_CUDA
-    Job* job = make_job(records, base, capacity);
+    SinkJob* job = make_job(records, base, capacity);
     const int64_t seq = job->seq;
+    {
+      std::lock_guard<std::mutex> lock(state_->mu);
+      ++state_->on_streams;
+    }
     cudaError_t err = cudaLaunchHostFunc(reinterpret_cast<cudaStream_t>(stream), &on_stream, job);
     if (err != cudaSuccess) {
       // The copy may not have landed: write nothing, but complete the step so no wait hangs.
       job->base.clear();
       job->capacity.clear();
-      enqueue(job);
+      state_->enqueue(job, true);
       TORCH_CHECK(false, "FrameSinkWorker: cudaLaunchHostFunc failed: ", cudaGetErrorString(err));
     }
     return seq;
@@ -97,94 +157,45 @@ class FrameSinkWorker : public torch::CustomClassHolder {
 #endif
   }
 
-  int64_t submitted() { return submitted_.load(); }
-  int64_t completed() { return completed_.load(); }
-  int64_t dropped() { return dropped_.load(); }
+  int64_t submitted() { return state_->submitted.load(); }
+  int64_t completed() { return state_->completed.load(); }
+  int64_t dropped() { return state_->dropped.load(); }
 
   // Block until step `seq` is written or `timeout_s` passes (the torch binding releases the GIL
   // meanwhile); true if written.
   bool wait(int64_t seq, double timeout_s) {
-    std::unique_lock<std::mutex> lock(mu_);
-    return done_cv_.wait_for(lock, std::chrono::duration<double>(timeout_s),
-                             [&] { return completed_.load() >= seq; });
+    std::unique_lock<std::mutex> lock(state_->mu);
+    return state_->done_cv.wait_for(lock, std::chrono::duration<double>(timeout_s),
+                                    [&] { return state_->completed.load() >= seq; });
   }
 
  private:
-  struct Job {
-    FrameSinkWorker* owner;
-    c10::intrusive_ptr<FrameSinkWorker> keep;  // the worker outlives a job still on a stream
-    at::Tensor records;
-    std::vector<int64_t> base, capacity;
-    int64_t seq;
-  };
-
-  Job* make_job(const at::Tensor& records, const at::Tensor& base, const at::Tensor& capacity) {
+  SinkJob* make_job(const at::Tensor& records, const at::Tensor& base, const at::Tensor& capacity) {
     TORCH_CHECK(records.device().is_cpu() && records.scalar_type() == at::kInt && records.dim() == 2 &&
-                    records.is_contiguous() && records.size(1) == words_,
-                "FrameSinkWorker: records must be a contiguous CPU int32 [rows, ", words_, "] tensor");
+                    records.is_contiguous() && records.size(1) == state_->words,
+                "FrameSinkWorker: records must be a contiguous CPU int32 [rows, ", state_->words,
+                "] tensor");
     TORCH_CHECK(base.device().is_cpu() && base.scalar_type() == at::kLong && base.dim() == 1 &&
                     base.is_contiguous() && base.sizes() == capacity.sizes() &&
                     capacity.scalar_type() == at::kLong && capacity.is_contiguous() &&
                     base.size(0) <= records.size(0),
                 "FrameSinkWorker: base and capacity must be contiguous CPU int64 [n], n <= rows");
     const int64_t n = base.size(0);
-    auto* job = new Job{this, c10::intrusive_ptr<FrameSinkWorker>::reclaim_copy(this), records,
-                        std::vector<int64_t>(base.data_ptr<int64_t>(), base.data_ptr<int64_t>() + n),
-                        std::vector<int64_t>(capacity.data_ptr<int64_t>(),
-                                             capacity.data_ptr<int64_t>() + n),
-                        0};
-    job->seq = ++submitted_;
+    auto* job = new SinkJob{state_, records,
+                            std::vector<int64_t>(base.data_ptr<int64_t>(), base.data_ptr<int64_t>() + n),
+                            std::vector<int64_t>(capacity.data_ptr<int64_t>(),
+                                                 capacity.data_ptr<int64_t>() + n),
+                            0};
+    job->seq = ++state_->submitted;
     return job;
   }
 
   static void on_stream(void* arg) {  // CUDA's callback thread: queue only, no CUDA calls
-    auto* job = static_cast<Job*>(arg);
-    job->owner->enqueue(job);
+    auto* job = static_cast<SinkJob*>(arg);
+    job->state->enqueue(job, true);
   }
 
-  void enqueue(Job* job) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      jobs_.push_back(job);
-    }
-    cv_.notify_one();
-  }
-
-  void run() {
-    for (;;) {
-      Job* job;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return stop_ || !jobs_.empty(); });
-        if (jobs_.empty()) return;  // stopping, nothing left
-        job = jobs_.front();
-        jobs_.pop_front();
-      }
-      dropped_ += write_step(job->records.data_ptr<int32_t>(), static_cast<int64_t>(job->base.size()),
-                             words_, job->base.data(), job->capacity.data());
-      const int64_t seq = job->seq;
-      job->records.reset();
-      c10::intrusive_ptr<FrameSinkWorker> keep = std::move(job->keep);
-      delete job;
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        completed_.store(seq);
-      }
-      done_cv_.notify_all();
-      if (keep.use_count() == 1) {  // the last owner: Python let go while this job was in flight
-        keep.release();              // leak rather than join this thread from itself
-        return;
-      }
-    }
-  }
-
-  const int64_t words_;
-  std::mutex mu_;
-  std::condition_variable cv_, done_cv_;
-  std::deque<Job*> jobs_;
-  bool stop_ = false;
-  std::atomic<int64_t> submitted_{0}, completed_{0}, dropped_{0};
-  std::thread thread_;
+  std::shared_ptr<SinkState> state_;
 };
 
 }  // namespace chattts_vllm

@@ -62,6 +62,13 @@ half=$(( $(nproc) / 2 ))
 pin() { if command -v taskset > /dev/null; then taskset -c "$@"; else shift; "$@"; fi; }
 card0() { CUDA_VISIBLE_DEVICES=0 pin 0-$((half - 1)) "$@"; }
 card1() { CUDA_VISIBLE_DEVICES=1 pin $half-$((2 * half - 1)) "$@"; }
+# Whatever still holds a GPU (a job killed by `timeout` can leave its server, in a session of its
+# own, holding memory: 2026-11-28 lost a call to that) is killed before each job.
+gpu_free() {
+  nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | xargs -r kill -9 2>/dev/null
+  pkill -9 -f "vllm.entrypoints|chattts-vllm serve" 2>/dev/null; sleep 2; true
+}
+gpu_free
 quiet() { grep -v "INFO\|it/s\]\|req/s\]\|req\]" "$@"; }
 serving_table() { for f in $W/bench-serving*.log; do quiet "$f" | grep -A7 "mode  conc"; done; }
 
@@ -218,7 +225,7 @@ case "${1:-}" in
     # loop, audio models and decode pool, so the per-frame Python work of 64 streams is split).
     SERVING_TIMEOUT=280 OUT=$W card0 bash scripts/gpu-check.sh serving --first-chunk-frames 6 \
         --arrivals lockstep staggered --rounds 3 --tag asc1 > /dev/null 2>&1
-    mv $W/bench-serving.log $W/bench-serving-asc1.log
+    mv $W/bench-serving.log $W/bench-serving-asc1.log; gpu_free
     SERVE_EXTRA="--api-server-count 4" SERVING_TIMEOUT=250 OUT=$W card0 bash scripts/gpu-check.sh \
         serving --first-chunk-frames 6 --arrivals lockstep staggered --rounds 3 --tag asc4 > /dev/null 2>&1
     mv $W/bench-serving.log $W/bench-serving-asc4.log
@@ -227,7 +234,7 @@ case "${1:-}" in
     # One card: stock and one ChatTTS engine at batch 512 (same run), then 2 and 3 ChatTTS
     # engines under MPS (kernels of the engine processes side by side, not time-sliced).
     card0 timeout 270 $py benchmarks/bench_throughput.py --batches 512 --time-limit 260 \
-        > $W/throughput.log 2>&1; echo "throughput rc $?" >> $W/throughput.log
+        > $W/throughput.log 2>&1; echo "throughput rc $?" >> $W/throughput.log; gpu_free
     card0 timeout 300 $py benchmarks/bench_throughput.py --engines 2 3 --batches 512 --skip-stock --mps \
         --time-limit 290 > $W/engines-mps.log 2>&1; echo "mps rc $?" >> $W/engines-mps.log
     quiet $W/throughput.log | grep -A3 "^ batch"; tail -1 $W/throughput.log
@@ -237,7 +244,7 @@ case "${1:-}" in
     # delta outputs, decode_utterances), then MRv2 parity.
     card0 timeout 290 $py -m pytest -q -m gpu tests/runners tests/kernels/test_frame_glue_gpu.py \
         tests/audio/test_audio_stream.py tests/gpu/test_serve_gpu.py > $W/pytest-gpu.log 2>&1
-    echo "pytest rc $?" >> $W/pytest-gpu.log
+    echo "pytest rc $?" >> $W/pytest-gpu.log; gpu_free
     MRV2_TIMEOUT=150 OUT=$W card0 bash scripts/gpu-check.sh mrv2 > /dev/null 2>&1
     tail -3 $W/pytest-gpu.log; grep -E "passed|failed" $W/pytest-mrv2.log | tail -1 ;;
   profile)

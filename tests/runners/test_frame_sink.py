@@ -130,6 +130,26 @@ def test_native_rejects_bad_arguments(native):
     assert not worker.wait(1, 0.05)                      # a step never pushed: times out, False
 
 
+def test_worker_dropped_with_steps_in_flight_still_writes_them(native):
+    """Python may let go of a worker whose steps are still queued (a request's end races the
+    sink): the thread writes them and stops on its own, never joining itself or touching freed
+    state. 300 workers, each dropped right after its pushes."""
+    import time
+
+    regions = [np.zeros((4, WORDS), np.int32) for _ in range(300)]
+    rec = torch.from_numpy(_step(1, [1], 7))
+    for region in regions:
+        worker = native(WORDS)
+        for _ in range(3):
+            worker.push(rec, torch.tensor([region.ctypes.data]), torch.tensor([4]))
+        del worker
+    deadline = time.time() + 10
+    while not all(r[0, 0] == 1 for r in regions) and time.time() < deadline:
+        time.sleep(0.01)
+    for region in regions:
+        np.testing.assert_array_equal(region[0], rec[0].numpy())
+
+
 def test_twin_waits_for_its_event_before_writing():
     """SinkTwin (the CUDA path without the extension) writes a step only after its event."""
     class Gate:
