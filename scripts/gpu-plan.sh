@@ -223,10 +223,10 @@ case "${1:-}" in
     # One card: TTFA at 1 and 64 streams, F = 6, lockstep and staggered arrivals, with one API
     # server process, then with four (vLLM's --api-server-count: each process has its own event
     # loop, audio models and decode pool, so the per-frame Python work of 64 streams is split).
-    SERVING_TIMEOUT=280 OUT=$W card0 bash scripts/gpu-check.sh serving --first-chunk-frames 6 \
+    SERVING_TIMEOUT=260 OUT=$W card0 bash scripts/gpu-check.sh serving --first-chunk-frames 6 \
         --arrivals lockstep staggered --rounds 3 --tag asc1 > /dev/null 2>&1
     mv $W/bench-serving.log $W/bench-serving-asc1.log; gpu_free
-    SERVE_EXTRA="--api-server-count 4" SERVING_TIMEOUT=250 OUT=$W card0 bash scripts/gpu-check.sh \
+    SERVE_EXTRA="--api-server-count 4" SERVING_TIMEOUT=230 OUT=$W card0 bash scripts/gpu-check.sh \
         serving --first-chunk-frames 6 --arrivals lockstep staggered --rounds 3 --tag asc4 > /dev/null 2>&1
     mv $W/bench-serving.log $W/bench-serving-asc4.log
     serving_table ;;
