@@ -233,10 +233,10 @@ case "${1:-}" in
   mpsengines)
     # One card: stock and one ChatTTS engine at batch 512 (same run), then 2 and 3 ChatTTS
     # engines under MPS (kernels of the engine processes side by side, not time-sliced).
-    card0 timeout 270 $py benchmarks/bench_throughput.py --batches 512 --time-limit 260 \
+    card0 timeout 210 $py benchmarks/bench_throughput.py --batches 512 --time-limit 200 \
         > $W/throughput.log 2>&1; echo "throughput rc $?" >> $W/throughput.log; gpu_free
-    card0 timeout 300 $py benchmarks/bench_throughput.py --engines 2 3 --batches 512 --skip-stock --mps \
-        --time-limit 290 > $W/engines-mps.log 2>&1; echo "mps rc $?" >> $W/engines-mps.log
+    card0 timeout 240 $py benchmarks/bench_throughput.py --engines 2 3 --batches 512 --skip-stock --mps \
+        --time-limit 230 > $W/engines-mps.log 2>&1; echo "mps rc $?" >> $W/engines-mps.log
     quiet $W/throughput.log | grep -A3 "^ batch"; tail -1 $W/throughput.log
     grep -h "round\|best\|rc \|MPS\|Error" $W/engines-mps.log ;;
   tests1)
