@@ -21,6 +21,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <memory>
@@ -112,7 +113,6 @@ struct SinkState {
 class FrameSinkWorker : public torch::CustomClassHolder {
  public:
   explicit FrameSinkWorker(int64_t words) : state_(std::make_shared<SinkState>(words)) {
-    TORCH_CHECK(words >= 1, "FrameSinkWorker: a record needs its marker word");
     std::thread(&SinkState::run, state_).detach();
   }
 
@@ -125,8 +125,13 @@ class FrameSinkWorker : public torch::CustomClassHolder {
     state_->cv.notify_all();
   }
 
-  // Queue a step now. records [>= n, words] int32 CPU; base, capacity [n] int64.
+  // Queue a step now. records [>= n, words] int32 CPU; base, capacity [n] int64. Returns the
+  // step's sequence number (>= 1) or a negative error code (kBad*, see below); it never throws:
+  // on the H200 a C++ exception thrown out of this class's methods killed the process
+  // (2026-11-28), so errors are values and chattts_vllm/runners/outputs.py raises them.
   int64_t push(const at::Tensor& records, const at::Tensor& base, const at::Tensor& capacity) {
+    const int64_t bad = check(records, base, capacity);
+    if (bad < 0) return bad;
     SinkJob* job = make_job(records, base, capacity);
     state_->enqueue(job, false);
     return job->seq;
@@ -136,8 +141,9 @@ class FrameSinkWorker : public torch::CustomClassHolder {
   int64_t push_after_stream(const at::Tensor& records, const at::Tensor& base,
                             const at::Tensor& capacity, int64_t stream) {
 #ifdef CHATTTS_WITH_CUDA
+    const int64_t bad = check(records, base, capacity);
+    if (bad < 0) return bad;
     SinkJob* job = make_job(records, base, capacity);
-    const int64_t seq = job->seq;
     {
       std::lock_guard<std::mutex> lock(state_->mu);
       ++state_->on_streams;
@@ -145,15 +151,16 @@ class FrameSinkWorker : public torch::CustomClassHolder {
     cudaError_t err = cudaLaunchHostFunc(reinterpret_cast<cudaStream_t>(stream), &on_stream, job);
     if (err != cudaSuccess) {
       // The copy may not have landed: write nothing, but complete the step so no wait hangs.
+      std::fprintf(stderr, "FrameSinkWorker: cudaLaunchHostFunc failed: %s\n", cudaGetErrorString(err));
       job->base.clear();
       job->capacity.clear();
       state_->enqueue(job, true);
-      TORCH_CHECK(false, "FrameSinkWorker: cudaLaunchHostFunc failed: ", cudaGetErrorString(err));
+      return kBadLaunch;
     }
-    return seq;
+    return job->seq;
 #else
     (void)records, (void)base, (void)capacity, (void)stream;
-    TORCH_CHECK(false, "FrameSinkWorker: built without CUDA; use push");
+    return kNoCuda;
 #endif
   }
 
@@ -170,16 +177,24 @@ class FrameSinkWorker : public torch::CustomClassHolder {
   }
 
  private:
+  // Error codes of push / push_after_stream (mirrored in outputs.py's SINK_ERRORS).
+  static constexpr int64_t kBadRecords = -1, kBadBase = -2, kBadLaunch = -3, kNoCuda = -4,
+                           kBadWords = -5;
+
+  int64_t check(const at::Tensor& records, const at::Tensor& base, const at::Tensor& capacity) {
+    if (state_->words < 1) return kBadWords;
+    if (!(records.device().is_cpu() && records.scalar_type() == at::kInt && records.dim() == 2 &&
+          records.is_contiguous() && records.size(1) == state_->words))
+      return kBadRecords;
+    if (!(base.device().is_cpu() && base.scalar_type() == at::kLong && base.dim() == 1 &&
+          base.is_contiguous() && base.sizes() == capacity.sizes() && capacity.device().is_cpu() &&
+          capacity.scalar_type() == at::kLong && capacity.is_contiguous() &&
+          base.size(0) <= records.size(0)))
+      return kBadBase;
+    return 0;
+  }
+
   SinkJob* make_job(const at::Tensor& records, const at::Tensor& base, const at::Tensor& capacity) {
-    TORCH_CHECK(records.device().is_cpu() && records.scalar_type() == at::kInt && records.dim() == 2 &&
-                    records.is_contiguous() && records.size(1) == state_->words,
-                "FrameSinkWorker: records must be a contiguous CPU int32 [rows, ", state_->words,
-                "] tensor");
-    TORCH_CHECK(base.device().is_cpu() && base.scalar_type() == at::kLong && base.dim() == 1 &&
-                    base.is_contiguous() && base.sizes() == capacity.sizes() &&
-                    capacity.scalar_type() == at::kLong && capacity.is_contiguous() &&
-                    base.size(0) <= records.size(0),
-                "FrameSinkWorker: base and capacity must be contiguous CPU int64 [n], n <= rows");
     const int64_t n = base.size(0);
     auto* job = new SinkJob{state_, records,
                             std::vector<int64_t>(base.data_ptr<int64_t>(), base.data_ptr<int64_t>() + n),

@@ -76,7 +76,8 @@ case "${1:-}" in
   build)
     bash scripts/gpu-check.sh build 2>&1 | tail -4
     $py -c "import torch, chattts_vllm.ops; print('native frame sink:', hasattr(torch.classes.chattts_vllm, 'FrameSinkWorker'))"
-    timeout 60 $py -m pytest -q tests/runners/test_frame_sink.py 2>&1 | tail -1 ;;
+    timeout 60 $py -m pytest -q tests/runners/test_frame_sink.py 2>&1 | tail -1
+    timeout 60 $py scripts/diag_frame_sink.py 2>&1 | tail -6 ;;
   check)
     ( card0 timeout 400 $py benchmarks/bench_throughput.py --batches 1 512 --time-limit 390 \
         > $W/throughput.log 2>&1; echo "throughput rc $?" >> $W/throughput.log

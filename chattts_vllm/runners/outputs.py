@@ -308,6 +308,21 @@ class SinkTwin:
                 self.cond.notify_all()
 
 
+# The native worker's push returns these instead of raising (csrc/frame_sink.cpp says why).
+SINK_ERRORS = {-1: "records must be a contiguous CPU int32 [rows, words] tensor",
+               -2: "base and capacity must be contiguous CPU int64 [n], n <= rows",
+               -3: "cudaLaunchHostFunc failed (the step completes unwritten)",
+               -4: "built without CUDA; use push",
+               -5: "a record needs its marker word (words >= 1)"}
+
+
+def pushed(seq: int) -> int:
+    """A push's sequence number, or RuntimeError for the native worker's error codes."""
+    if seq < 1:
+        raise RuntimeError(f"FrameSinkWorker: {SINK_ERRORS.get(seq, f'error {seq}')}")
+    return seq
+
+
 def _native_worker(words: int):
     """torch.classes.chattts_vllm.FrameSinkWorker where the csrc extension is built, else None."""
     from chattts_vllm import ops
@@ -390,10 +405,10 @@ class FrameSink:
         base = torch.from_numpy(self.base[slots[:n]])
         capacity = torch.from_numpy(self.capacity[slots[:n]])
         if not self.cuda:
-            seq = self.worker.push(host, base, capacity)
+            seq = pushed(self.worker.push(host, base, capacity))
         elif self.native:
-            seq = self.worker.push_after_stream(host, base, capacity,
-                                                torch.cuda.current_stream().cuda_stream)
+            seq = pushed(self.worker.push_after_stream(host, base, capacity,
+                                                       torch.cuda.current_stream().cuda_stream))
         else:
             event = torch.cuda.Event()
             event.record()
