@@ -56,13 +56,20 @@ case "${1:-}" in
     # low-latency first chunk after 12 / 24 frames; about 4 min. The engine core runs in its own
     # (spawned) process, as `chattts-vllm serve` starts it; SERVE_INPROC=1 puts it in the server
     # process instead (serving/inproc.py). JSON, plot and the server's log go to $OUT.
+    # SERVE_MPS=1: under an MPS daemon (private pipe dir), so the engine core's and the API
+    # processes' kernels run side by side instead of time-sliced between CUDA contexts.
     shift; inproc=; [ -n "${SERVE_INPROC:-}" ] && inproc=--inproc
     [ -z "$inproc" ] && unset VLLM_ENABLE_V1_MULTIPROCESSING
+    if [ -n "${SERVE_MPS:-}" ]; then
+      export CUDA_MPS_PIPE_DIRECTORY=$(mktemp -d) CUDA_MPS_LOG_DIRECTORY=$(mktemp -d)
+      nvidia-cuda-mps-control -d && echo "MPS daemon started" >> "$OUT/bench-serving-mps.log"
+    fi
     timeout "${SERVING_TIMEOUT:-540}" $py benchmarks/bench_serving.py --serve random $inproc \
       --serve-args "--max-model-len 1024 --max-num-seqs 128 --gpu-memory-utilization 0.8 ${SERVE_EXTRA:-}" \
       --concurrency 1 64 --rounds 2 --first-chunk-frames 0 12 24 \
       --min-new-token 235 --max-new-token 235 --out-dir "$OUT" "$@" > "$OUT/bench-serving.log" 2>&1
     echo "bench_serving exit $?"
+    [ -n "${SERVE_MPS:-}" ] && echo quit | nvidia-cuda-mps-control
     grep -v "it/s\]\|req/s\]\|req\]" "$OUT/bench-serving.log" | tail -14
     grep -E "Traceback|Error" "$OUT"/serving-*-server.log | head -5 ;;
   *) echo "usage: $0 build|kernels|decoder|mrv2|throughput|ray|serving"; exit 2 ;;

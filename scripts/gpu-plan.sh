@@ -33,7 +33,9 @@
 #                                       #   then both with vLLM's --stream-interval 5         (~10 min)
 #   bash scripts/gpu-plan.sh mps        # card 0 alone: 2 and 3 engines under MPS, bf16 / fp8 KV (~9 min)
 #   bash scripts/gpu-plan.sh fronts     # one card: TTFA with 1, then 4 API server processes (~8 min)
-#   bash scripts/gpu-plan.sh mpsengines # one card: stock + 1 engine, then 2 / 3 engines under MPS (~9 min)
+#   bash scripts/gpu-plan.sh fronts-mps # one card: TTFA, 4 API servers under MPS, then without (~8 min)
+#   bash scripts/gpu-plan.sh thru1      # one card: throughput + stock, batch 1 and 512        (~9 min)
+#   bash scripts/gpu-plan.sh mpsengines # one card: 2 / 3 engines under MPS                     (~9 min)
 #   bash scripts/gpu-plan.sh tests1     # one card: GPU tests of the newest serving / sink code  (~6 min)
 #   bash scripts/gpu-plan.sh measure    # card 0: throughput + stock, then the ChatTTS host   (~9 min)
 #                                       #         profile (per step vs per batch)
@@ -231,15 +233,29 @@ case "${1:-}" in
         serving --first-chunk-frames 6 --arrivals lockstep staggered --rounds 3 --tag asc4 > /dev/null 2>&1
     mv $W/bench-serving.log $W/bench-serving-asc4.log
     serving_table ;;
+  fronts-mps)
+    # One card: 4 API servers, with and without MPS (the audio decode of 16 streams per process
+    # was ~100 ms of the first audio with 5 CUDA contexts time-sliced, 2026-11-28).
+    SERVE_MPS=1 SERVE_EXTRA="--api-server-count 4" SERVING_TIMEOUT=260 OUT=$W card0 bash \
+        scripts/gpu-check.sh serving --first-chunk-frames 6 --arrivals lockstep staggered --rounds 3 \
+        --tag asc4-mps > /dev/null 2>&1
+    mv $W/bench-serving.log $W/bench-serving-asc4-mps.log; gpu_free
+    SERVE_EXTRA="--api-server-count 4" SERVING_TIMEOUT=230 OUT=$W card0 bash scripts/gpu-check.sh \
+        serving --first-chunk-frames 6 --arrivals lockstep staggered --rounds 3 --tag asc4 > /dev/null 2>&1
+    mv $W/bench-serving.log $W/bench-serving-asc4.log
+    serving_table ;;
+  thru1)
+    # One card: stock and ChatTTS at batch 1 and 512, same run. A fresh machine's first engine
+    # start (torch.compile, FlashInfer JIT, graph capture) took over 180 s on 2026-11-28.
+    card0 timeout 560 $py benchmarks/bench_throughput.py --batches 1 512 --time-limit 550 \
+        > $W/throughput.log 2>&1; echo "throughput rc $?" >> $W/throughput.log
+    quiet $W/throughput.log | grep -A3 "^ batch"; grep "failed\|stopped" $W/throughput.log; tail -1 $W/throughput.log ;;
   mpsengines)
-    # One card: stock and one ChatTTS engine at batch 512 (same run), then 2 and 3 ChatTTS
-    # engines under MPS (kernels of the engine processes side by side, not time-sliced).
-    card0 timeout 210 $py benchmarks/bench_throughput.py --batches 512 --time-limit 200 \
-        > $W/throughput.log 2>&1; echo "throughput rc $?" >> $W/throughput.log; gpu_free
-    card0 timeout 240 $py benchmarks/bench_throughput.py --engines 2 3 --batches 512 --skip-stock --mps \
-        --time-limit 230 > $W/engines-mps.log 2>&1; echo "mps rc $?" >> $W/engines-mps.log
-    quiet $W/throughput.log | grep -A3 "^ batch"; tail -1 $W/throughput.log
-    grep -h "round\|best\|rc \|MPS\|Error" $W/engines-mps.log ;;
+    # One card: 2 and 3 ChatTTS engines under MPS (kernels of the engine processes side by side,
+    # not time-sliced); the engines start one after the other (~60 s each on a warm machine).
+    card0 timeout 560 $py benchmarks/bench_throughput.py --engines 2 3 --batches 512 --skip-stock --mps \
+        --time-limit 550 > $W/engines-mps.log 2>&1; echo "mps rc $?" >> $W/engines-mps.log
+    grep -h "round\|best\|rc \|MPS\|stopped" $W/engines-mps.log ;;
   tests1)
     # One card: what changed since the last GPU tests (native sink failure path, early submit,
     # delta outputs, decode_utterances), then MRv2 parity.
@@ -255,7 +271,7 @@ case "${1:-}" in
     grep -h "^== \|^-- thread\|^   [a-z]" $W/profile*.log | head -60 ;;
   ray)
     RAY_TIMEOUT=420 OUT=$W bash scripts/gpu-check.sh ray | tail -8 ;;
-  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile|fronts|mpsengines|tests1"; exit 2 ;;
+  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile|fronts|fronts-mps|thru1|mpsengines|tests1"; exit 2 ;;
 esac
 find benchmarks/results -maxdepth 1 -newer "$stamp" \( -name '*.json' -o -name '*.png' \) -exec cp -f {} $W/ \;
 rm -f "$stamp"
