@@ -56,20 +56,25 @@ def serving_model_dir(tmp_path_factory) -> Path:
     return convert(root / "asset", root / "model")
 
 
-@pytest.fixture(scope="session")
-def server(serving_model_dir, tmp_path_factory):
-    """`chattts-vllm serve DIR ...`: the wrapper sets VLLM_PLUGINS and execs `vllm serve`."""
-    root = tmp_path_factory.mktemp("server")
-    port, log = free_port(), root / "serve.log"
+def cpu_serve_command(model_dir: Path, root: Path, *extra: str) -> tuple[list[str], dict, int]:
+    """(argv, env, port) of `chattts-vllm serve DIR` on the CPU test machine, frames under
+    root/frames; the wrapper sets VLLM_PLUGINS and execs `vllm serve`."""
+    port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "CHATTTS_VLLM_FRAME_DIR": str(root / "frames"),
            "CHATTTS_VLLM_AUDIO_THREADS": "2"}
     env.pop("VLLM_PLUGINS", None)
-    argv = [CLI, "serve", str(serving_model_dir),
-            "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
-            "--served-model-name", MODEL, "--max-num-seqs", "64",
-            "--enable-log-requests", "--max-log-len", "8"]
-    srv = Server(f"http://127.0.0.1:{port}", serving_model_dir, root / "frames", log)
-    with live_server(argv, env, log, f"{srv.url}/health"):
+    argv = [CLI, "serve", str(model_dir), "--port", str(port), "--dtype", "float32",
+            "--max-model-len", "1024", "--enforce-eager", "--served-model-name", MODEL, *extra]
+    return argv, env, port
+
+
+@pytest.fixture(scope="session")
+def server(serving_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    argv, env, port = cpu_serve_command(serving_model_dir, root, "--max-num-seqs", "64",
+                                        "--enable-log-requests", "--max-log-len", "8")
+    srv = Server(f"http://127.0.0.1:{port}", serving_model_dir, root / "frames", root / "serve.log")
+    with live_server(argv, env, srv.log, f"{srv.url}/health"):
         yield srv
 
 

@@ -8,15 +8,14 @@ process took it, and /metrics adds up the processes' speech series.
 """
 from __future__ import annotations
 
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from tests.live_server import free_port, live_server
-from tests.serving.conftest import CLI, MODEL, SR
+from tests.live_server import live_server
+from tests.serving.conftest import MODEL, SR, cpu_serve_command
 
 FRAMES = 30
 BODY = dict(model=MODEL, input="Two front ends, one engine.", voice="alloy", seed=21,
@@ -32,14 +31,9 @@ def _metric(url: str, name: str) -> float:
 @pytest.fixture(scope="module")
 def two_front_ends(serving_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("api-servers")
-    port, log = free_port(), root / "serve.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "CHATTTS_VLLM_FRAME_DIR": str(root / "frames"),
-           "CHATTTS_VLLM_AUDIO_THREADS": "2"}
-    env.pop("VLLM_PLUGINS", None)
-    argv = [CLI, "serve", str(serving_model_dir), "--port", str(port), "--dtype", "float32",
-            "--max-model-len", "1024", "--enforce-eager", "--max-num-seqs", "32",
-            "--api-server-count", "2"]
-    url = f"http://127.0.0.1:{port}"
+    argv, env, port = cpu_serve_command(serving_model_dir, root, "--max-num-seqs", "32",
+                                        "--api-server-count", "2")
+    url, log = f"http://127.0.0.1:{port}", root / "serve.log"
     with live_server(argv, env, log, f"{url}/health"):
         yield url, log
 
