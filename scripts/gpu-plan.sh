@@ -72,6 +72,13 @@ gpu_free() {
 }
 gpu_free
 quiet() { grep -v "INFO\|it/s\]\|req/s\]\|req\]" "$@"; }
+# TTFA at 1 and 64 streams, F = 6, lockstep and staggered arrivals, 3 rounds, on card 0:
+# ttfa_run TAG LIMIT_S (SERVE_EXTRA / SERVE_MPS from the caller's environment); log bench-serving-TAG.log.
+ttfa_run() {
+  SERVING_TIMEOUT=$2 OUT=$W card0 bash scripts/gpu-check.sh serving --first-chunk-frames 6 \
+      --arrivals lockstep staggered --rounds 3 --tag "$1" > /dev/null 2>&1
+  mv $W/bench-serving.log "$W/bench-serving-$1.log"; gpu_free
+}
 serving_table() { for f in $W/bench-serving*.log; do quiet "$f" | grep -A7 "mode  conc"; done; }
 
 case "${1:-}" in
@@ -205,13 +212,8 @@ case "${1:-}" in
     # and staggered ones (the steady state of 64 streams); then the same with vLLM's
     # --stream-interval 5: the API process hands each stream an output every 5 frames, not every
     # frame (64 streams at ~4 ms a step: ~17,000 outputs and wake-ups a second, a fifth left).
-    SERVING_TIMEOUT=290 OUT=$W card0 bash scripts/gpu-check.sh serving --first-chunk-frames 6 \
-        --arrivals lockstep staggered --rounds 3 --tag arrivals > /dev/null 2>&1
-    mv $W/bench-serving.log $W/bench-serving-arrivals.log
-    SERVE_EXTRA="--stream-interval 5" SERVING_TIMEOUT=290 OUT=$W card0 bash scripts/gpu-check.sh \
-        serving --first-chunk-frames 6 --arrivals lockstep staggered --rounds 3 --tag interval5 \
-        > /dev/null 2>&1
-    mv $W/bench-serving.log $W/bench-serving-interval5.log
+    ttfa_run arrivals 290
+    SERVE_EXTRA="--stream-interval 5" ttfa_run interval5 290
     serving_table ;;
   mps)
     # Card 0 alone: 2 and 3 engines under MPS (kernels of the engine processes run side by side
@@ -226,23 +228,14 @@ case "${1:-}" in
     # One card: TTFA at 1 and 64 streams, F = 6, lockstep and staggered arrivals, with one API
     # server process, then with four (vLLM's --api-server-count: each process has its own event
     # loop, audio models and decode pool, so the per-frame Python work of 64 streams is split).
-    SERVING_TIMEOUT=260 OUT=$W card0 bash scripts/gpu-check.sh serving --first-chunk-frames 6 \
-        --arrivals lockstep staggered --rounds 3 --tag asc1 > /dev/null 2>&1
-    mv $W/bench-serving.log $W/bench-serving-asc1.log; gpu_free
-    SERVE_EXTRA="--api-server-count 4" SERVING_TIMEOUT=230 OUT=$W card0 bash scripts/gpu-check.sh \
-        serving --first-chunk-frames 6 --arrivals lockstep staggered --rounds 3 --tag asc4 > /dev/null 2>&1
-    mv $W/bench-serving.log $W/bench-serving-asc4.log
+    ttfa_run asc1 260
+    SERVE_EXTRA="--api-server-count 4" ttfa_run asc4 230
     serving_table ;;
   fronts-mps)
     # One card: 4 API servers, with and without MPS (the audio decode of 16 streams per process
     # was ~100 ms of the first audio with 5 CUDA contexts time-sliced, 2026-11-28).
-    SERVE_MPS=1 SERVE_EXTRA="--api-server-count 4" SERVING_TIMEOUT=260 OUT=$W card0 bash \
-        scripts/gpu-check.sh serving --first-chunk-frames 6 --arrivals lockstep staggered --rounds 3 \
-        --tag asc4-mps > /dev/null 2>&1
-    mv $W/bench-serving.log $W/bench-serving-asc4-mps.log; gpu_free
-    SERVE_EXTRA="--api-server-count 4" SERVING_TIMEOUT=230 OUT=$W card0 bash scripts/gpu-check.sh \
-        serving --first-chunk-frames 6 --arrivals lockstep staggered --rounds 3 --tag asc4 > /dev/null 2>&1
-    mv $W/bench-serving.log $W/bench-serving-asc4.log
+    SERVE_MPS=1 SERVE_EXTRA="--api-server-count 4" ttfa_run asc4-mps 260
+    SERVE_EXTRA="--api-server-count 4" ttfa_run asc4 230
     serving_table ;;
   thru1)
     # One card: stock and ChatTTS at batch 1 and 512, same run. A fresh machine's first engine

@@ -26,6 +26,13 @@ SR = 24000
 CLI = str(Path(sys.executable).with_name("chattts-vllm"))
 
 
+def metric(url: str, name: str) -> float:
+    """A series of the server's /metrics, summed over its labels (or one exact labelled series)."""
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
 @dataclass
 class Server:
     url: str
@@ -37,9 +44,7 @@ class Server:
         return requests.post(f"{self.url}/v1/audio/speech", json={"model": MODEL, **body}, timeout=300)
 
     def metric(self, name: str) -> float:
-        text = requests.get(f"{self.url}/metrics", timeout=10).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name + "{") or line.startswith(name + " "))
+        return metric(self.url, name)
 
     def tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:]

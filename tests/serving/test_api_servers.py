@@ -15,17 +15,11 @@ import pytest
 import requests
 
 from tests.live_server import live_server
-from tests.serving.conftest import MODEL, SR, cpu_serve_command
+from tests.serving.conftest import MODEL, SR, cpu_serve_command, metric
 
 FRAMES = 30
 BODY = dict(model=MODEL, input="Two front ends, one engine.", voice="alloy", seed=21,
             min_new_token=FRAMES, max_new_token=FRAMES, response_format="pcm")
-
-
-def _metric(url: str, name: str) -> float:
-    text = requests.get(f"{url}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +34,7 @@ def two_front_ends(serving_model_dir, tmp_path_factory):
 
 def test_every_api_process_serves_the_same_audio(two_front_ends):
     url, log = two_front_ends
-    ttfa_before = _metric(url, "chattts_speech_time_to_first_audio_seconds_count")
+    ttfa_before = metric(url, "chattts_speech_time_to_first_audio_seconds_count")
 
     def one(stream: bool) -> bytes:
         body = {**BODY, "stream_format": "audio"} if stream else BODY
@@ -58,5 +52,5 @@ def test_every_api_process_serves_the_same_audio(two_front_ends):
     served_by = set(re.findall(r"\(ApiServer_(\d+) pid=\d+\).*POST /v1/audio/speech", log.read_text()))
     assert served_by == {"0", "1"}
     # Both processes' first-audio observations reach the one /metrics.
-    assert _metric(url, "chattts_speech_time_to_first_audio_seconds_count") == ttfa_before + 12
-    assert _metric(url, "chattts_speech_audio_seconds_total") >= 16 * (FRAMES - 1) * 512 / SR
+    assert metric(url, "chattts_speech_time_to_first_audio_seconds_count") == ttfa_before + 12
+    assert metric(url, "chattts_speech_audio_seconds_total") >= 16 * (FRAMES - 1) * 512 / SR
