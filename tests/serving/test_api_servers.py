@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import requests
 
@@ -47,7 +48,12 @@ def test_every_api_process_serves_the_same_audio(two_front_ends):
         streamed = list(pool.map(one, [True] * 12))
         whole = list(pool.map(one, [False] * 4))
     assert len(streamed[0]) >= 2 * (FRAMES - 1) * 512      # pcm int16, ~512 samples per frame
-    assert all(s == streamed[0] for s in streamed + whole)
+    # Whichever process served it: the same bytes for the same kind of response; streamed
+    # against whole within the ~1e-4 (3 of 32767) that the incremental decode may differ by
+    # (test_speech_server.test_streamed_audio_equals_non_streamed).
+    assert all(s == streamed[0] for s in streamed) and all(w == whole[0] for w in whole)
+    ref = np.frombuffer(whole[0], "<i2").astype(np.int32)
+    assert np.abs(np.frombuffer(streamed[0], "<i2") - ref).max() <= 3
 
     served_by = set(re.findall(r"\(ApiServer_(\d+) pid=\d+\).*POST /v1/audio/speech", log.read_text()))
     assert served_by == {"0", "1"}
