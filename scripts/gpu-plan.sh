@@ -34,6 +34,7 @@
 #   bash scripts/gpu-plan.sh mps        # card 0 alone: 2 and 3 engines under MPS, bf16 / fp8 KV (~9 min)
 #   bash scripts/gpu-plan.sh fronts     # one card: TTFA with 1, then 4 API server processes (~8 min)
 #   bash scripts/gpu-plan.sh fronts-mps # one card: TTFA, 4 API servers under MPS, then without (~8 min)
+#   bash scripts/gpu-plan.sh mpsfront N S # one card: TTFA, N API servers under MPS, S s limit   (~5 min)
 #   bash scripts/gpu-plan.sh thru1      # one card: throughput + stock, batch 1 and 512        (~9 min)
 #   bash scripts/gpu-plan.sh mpsengines # one card: 2 / 3 engines under MPS                     (~9 min)
 #   bash scripts/gpu-plan.sh tests1     # one card: GPU tests of the newest serving / sink code  (~6 min)
@@ -237,6 +238,11 @@ case "${1:-}" in
     SERVE_MPS=1 SERVE_EXTRA="--api-server-count 4" ttfa_run asc4-mps 260
     SERVE_EXTRA="--api-server-count 4" ttfa_run asc4 230
     serving_table ;;
+  mpsfront)
+    # One card: TTFA with N API server processes under MPS (bash scripts/gpu-plan.sh mpsfront N
+    # LIMIT_S); the first start on a fresh machine compiles for minutes, so give it the limit.
+    SERVE_MPS=1 SERVE_EXTRA="--api-server-count ${2:-4}" ttfa_run "asc${2:-4}-mps" "${3:-260}"
+    serving_table ;;
   thru1)
     # One card: stock and ChatTTS at batch 1 and 512, same run. A fresh machine's first engine
     # start (torch.compile, FlashInfer JIT, graph capture) took over 180 s on 2026-11-28.
@@ -264,7 +270,7 @@ case "${1:-}" in
     grep -h "^== \|^-- thread\|^   [a-z]" $W/profile*.log | head -60 ;;
   ray)
     RAY_TIMEOUT=420 OUT=$W bash scripts/gpu-check.sh ray | tail -8 ;;
-  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile|fronts|fronts-mps|thru1|mpsengines|tests1"; exit 2 ;;
+  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile|fronts|fronts-mps|mpsfront|thru1|mpsengines|tests1"; exit 2 ;;
 esac
 find benchmarks/results -maxdepth 1 -newer "$stamp" \( -name '*.json' -o -name '*.png' \) -exec cp -f {} $W/ \;
 rm -f "$stamp"
