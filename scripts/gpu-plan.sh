@@ -28,7 +28,7 @@
 #                                       #   switch 1 / 20 ms) on card 0, stock on card 1      (~5 min)
 #   bash scripts/gpu-plan.sh final      # card 0 alone: throughput + stock; then card 0 serving
 #                                       #   TTFA while card 1 runs the GPU tests and MRv2      (~9 min)
-#   bash scripts/gpu-plan.sh engines    # card 0 alone: 2 engines x 256                       (~2 min)
+#   bash scripts/gpu-plan.sh engines [S]  # card 0 alone: $ENGINES (2) engines, batch 512 split (~2 min)
 #   bash scripts/gpu-plan.sh ttfa       # card 0 alone: TTFA, lockstep and staggered arrivals,
 #                                       #   then both with vLLM's --stream-interval 5         (~10 min)
 #   bash scripts/gpu-plan.sh mps        # card 0 alone: 2 and 3 engines under MPS, bf16 / fp8 KV (~9 min)
@@ -36,7 +36,7 @@
 #   bash scripts/gpu-plan.sh fronts-mps # one card: TTFA, 4 API servers under MPS, then without (~8 min)
 #   bash scripts/gpu-plan.sh mpsfront N S # one card: TTFA, N API servers under MPS, S s limit   (~5 min)
 #   bash scripts/gpu-plan.sh thru1      # one card: throughput + stock, batch 1 and 512        (~9 min)
-#   bash scripts/gpu-plan.sh mpsengines # one card: 2 / 3 engines under MPS                     (~9 min)
+#   bash scripts/gpu-plan.sh mpsengines [S] # one card: $ENGINES (2 3) engines under MPS       (~9 min)
 #   bash scripts/gpu-plan.sh tests1     # one card: GPU tests of the newest serving / sink code  (~6 min)
 #   bash scripts/gpu-plan.sh measure    # card 0: throughput + stock, then the ChatTTS host   (~9 min)
 #                                       #         profile (per step vs per batch)
@@ -205,9 +205,11 @@ case "${1:-}" in
     quiet $W/throughput.log | grep -A4 "^ batch"; tail -1 $W/throughput.log
     serving_table ;;
   engines)
-    card0 timeout 400 $py benchmarks/bench_throughput.py --engines 2 --batches 512 --skip-stock \
-        --time-limit 390 > $W/engines.log 2>&1; echo "engines rc $?" >> $W/engines.log
-    grep -h "round\|best\|rc " $W/engines*.log ;;
+    # Card 0 alone: several engines without MPS (ENGINES, default 2), S s limit (default 390).
+    card0 timeout $((${2:-390} + 10)) $py benchmarks/bench_throughput.py --engines ${ENGINES:-2} \
+        --batches 512 --skip-stock --time-limit ${2:-390} > $W/engines.log 2>&1
+    echo "engines rc $?" >> $W/engines.log
+    grep -h "round\|best\|rc \|stopped" $W/engines*.log ;;
   ttfa)
     # Card 0 alone: TTFA at 1 and 64 streams, F = 6, lockstep arrivals (each round a burst of 64)
     # and staggered ones (the steady state of 64 streams); then the same with vLLM's
@@ -252,8 +254,10 @@ case "${1:-}" in
   mpsengines)
     # One card: 2 and 3 ChatTTS engines under MPS (kernels of the engine processes side by side,
     # not time-sliced); the engines start one after the other (~60 s each on a warm machine).
-    card0 timeout 560 $py benchmarks/bench_throughput.py --engines 2 3 --batches 512 --skip-stock --mps \
-        --time-limit 550 > $W/engines-mps.log 2>&1; echo "mps rc $?" >> $W/engines-mps.log
+    # ENGINES (default "2 3") and the limit S (default 550 s) from the caller.
+    card0 timeout $((${2:-550} + 10)) $py benchmarks/bench_throughput.py --engines ${ENGINES:-2 3} \
+        --batches 512 --skip-stock --mps --time-limit ${2:-550} > $W/engines-mps.log 2>&1
+    echo "mps rc $?" >> $W/engines-mps.log
     grep -h "round\|best\|rc \|MPS\|stopped" $W/engines-mps.log ;;
   tests1)
     # One card: what changed since the last GPU tests (native sink failure path, early submit,

@@ -1,0 +1,49 @@
+"""benchmarks/bench_throughput.py's engine settings: every share of a split batch runs on a
+captured CUDA graph (vLLM runs a batch larger than its largest captured size eagerly)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+from vllm.config import CompilationConfig, VllmConfig
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_throughput.py"
+
+
+def _bench():
+    if str(BENCH.parent) not in sys.path:          # the script imports its sibling bench_common
+        sys.path.insert(0, str(BENCH.parent))
+    spec = importlib.util.spec_from_file_location("bench_throughput", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def vllm_capture_sizes(max_num_seqs: int, max_capture: int) -> list[int]:
+    """The sizes vLLM 0.26 captures for these settings: its own `_set_cudagraph_sizes`, run on a
+    stand-in config that holds only the fields the method reads."""
+    cfg = SimpleNamespace(
+        model_config=SimpleNamespace(enforce_eager=False),
+        compilation_config=CompilationConfig(max_cudagraph_capture_size=max_capture),
+        scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs, max_num_batched_tokens=65536),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1),
+        performance_mode="throughput", num_speculative_tokens=0)
+    VllmConfig._set_cudagraph_sizes(cfg)
+    return cfg.compilation_config.cudagraph_capture_sizes
+
+
+def test_every_share_has_a_graph():
+    bench = _bench()
+    shares = {s for b in (1, 64, 256, 512, 1024) for n in (1, 2, 3, 4, 5, 6)
+              for s in bench.shares_of(b, n)}
+    for share in sorted(shares | {170, 171, 257, 342, 600}):
+        size = bench.graph_batch(share)
+        captured = vllm_capture_sizes(size, size)
+        assert max(captured) >= share, (share, size, captured[-3:])
+
+
+def test_the_old_setting_left_170_without_a_graph():
+    # What the benchmark did before graph_batch: the capture limit equal to the share.
+    assert max(vllm_capture_sizes(170, 170)) == 168
