@@ -124,6 +124,10 @@ def child_engine(args) -> None:
     shares = [r["shares"][k] if k < len(r["shares"]) else 0 for r in plan["rounds"]]
     offsets = [sum(r["shares"][:k]) for r in plan["rounds"]]
     cuda = torch.cuda.is_available()
+    # The engine runs in this process, so vLLM's multiprocess worker does not cut torch's CPU
+    # threads for it: N engines would each start an OpenMP pool as wide as the machine for the
+    # CPU side of the decode (stacking, copies). Give each engine its share of the cores.
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // len(plan["engine_kwargs"])))
     t0 = time.time()
     tts = ChatTTS(args.model, **plan["engine_kwargs"][k])
     audio = load_audio_models(args.model, device="cuda" if cuda else "cpu",
