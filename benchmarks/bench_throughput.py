@@ -112,6 +112,24 @@ def wait_file(path: Path, deadline: float | None = None) -> str:
     return path.read_text()
 
 
+def profiled(fn, cuda: bool, top: int = 12):
+    """`fn()` under torch.profiler -> (its result, the ops that took the most host and device
+    time). Why the decode after the GPT is slow on some hosts is a question of host against
+    device time; the profiler's overhead inflates the timed row, so this is opt-in."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        result = fn()
+    ops = prof.key_averages()
+
+    def rows(key: str) -> list[dict]:
+        ranked = sorted(ops, key=lambda e: getattr(e, key, 0) or 0, reverse=True)[:top]
+        return [dict(op=e.key, calls=e.count, self_cpu_ms=e.self_cpu_time_total / 1e3,
+                     device_ms=(getattr(e, "self_device_time_total", 0) or 0) / 1e3) for e in ranked]
+    return result, dict(by_cpu=rows("self_cpu_time_total"), by_device=rows("self_device_time_total"))
+
+
 def child_engine(args) -> None:
     """One ChatTTS engine: start, warm up, then one timed share per round, each after the barrier."""
     import torch
@@ -150,7 +168,11 @@ def child_engine(args) -> None:
             t_start = time.time()
             res = tts.infer_code(texts, ps, use_tqdm=False)
             t_gpt = time.time()
-            samples = decode(audio, [(x.codes, x.hidden) for x in res], cuda)
+            frames_out = [(x.codes, x.hidden) for x in res]
+            if plan.get("profile_decode"):
+                samples, out["decode_profile"] = profiled(lambda: decode(audio, frames_out, cuda), cuda)
+            else:
+                samples = decode(audio, frames_out, cuda)
             t_end = time.time()
             out.update(frames=sum(x.num_frames for x in res), samples=samples, t_go=t_go,
                        t_start=t_start, t_gpt_end=t_gpt, t_end=t_end, gpt_s=t_gpt - t_start,
@@ -310,7 +332,8 @@ def run_engine_set(args, model: Path, eset: dict, work: Path, env: dict, deadlin
     """Start the set's engines one after the other, then run its rounds; rows for finished rounds."""
     sync = work / f"sync-{eset['round_ids'][0]}"
     sync.mkdir()
-    plan = dict(frames=args.frames, rounds=eset["rounds"], engine_kwargs=eset["engine_kwargs"])
+    plan = dict(frames=args.frames, rounds=eset["rounds"], engine_kwargs=eset["engine_kwargs"],
+                profile_decode=args.profile_decode)
     (sync / "plan.json").write_text(json.dumps(plan))
     procs, rows = [], []
     try:
@@ -348,6 +371,8 @@ def run_engine_set(args, model: Path, eset: dict, work: Path, env: dict, deadlin
                        e2e_audio_s_per_s=n / FPS / e2e_wall,
                        per_engine_gpt_s=[round(o["gpt_s"], 3) for o in act],
                        per_engine_decode_s=[round(o["decode_s"], 3) for o in act],
+                       **({"decode_profile": [o.get("decode_profile") for o in act]}
+                          if args.profile_decode else {}),
                        start_skew_s=max(o["t_start"] for o in act) - t_go,
                        engine_start_s=[round(x["start_s"], 1) for x in ready],
                        kv_cache_dtype=args.kv_cache_dtype, mps=args.mps)
@@ -499,6 +524,8 @@ def main() -> None:
     p.add_argument("--kv-cache-dtype", default="auto", help="auto (= model dtype) or fp8")
     p.add_argument("--mps", action="store_true", help="run the engines under an MPS daemon")
     p.add_argument("--skip-stock", action="store_true")
+    p.add_argument("--profile-decode", action="store_true",
+                   help="each engine's decode under torch.profiler (its top ops go into the JSON rows)")
     p.add_argument("--time-limit", type=float, default=510,
                    help="seconds; rounds not finished by then are dropped and the results written")
     p.add_argument("--smoke", action="store_true", help="tiny CPU-sized run: 2 layers, 16 frames, float32")

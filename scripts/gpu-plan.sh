@@ -205,9 +205,10 @@ case "${1:-}" in
     quiet $W/throughput.log | grep -A4 "^ batch"; tail -1 $W/throughput.log
     serving_table ;;
   engines)
-    # Card 0 alone: several engines without MPS (ENGINES, default 2), S s limit (default 390).
+    # Card 0 alone: several engines without MPS (ENGINES, default 2), S s limit (default 390);
+    # BENCH_EXTRA="--profile-decode" puts each engine's decode under torch.profiler.
     card0 timeout $((${2:-390} + 10)) $py benchmarks/bench_throughput.py --engines ${ENGINES:-2} \
-        --batches 512 --skip-stock --time-limit ${2:-390} > $W/engines.log 2>&1
+        --batches 512 --skip-stock --time-limit ${2:-390} ${BENCH_EXTRA:-} > $W/engines.log 2>&1
     echo "engines rc $?" >> $W/engines.log
     grep -h "round\|best\|rc \|stopped" $W/engines*.log ;;
   ttfa)
@@ -256,7 +257,7 @@ case "${1:-}" in
     # not time-sliced); the engines start one after the other (~60 s each on a warm machine).
     # ENGINES (default "2 3") and the limit S (default 550 s) from the caller.
     card0 timeout $((${2:-550} + 10)) $py benchmarks/bench_throughput.py --engines ${ENGINES:-2 3} \
-        --batches 512 --skip-stock --mps --time-limit ${2:-550} > $W/engines-mps.log 2>&1
+        --batches 512 --skip-stock --mps --time-limit ${2:-550} ${BENCH_EXTRA:-} > $W/engines-mps.log 2>&1
     echo "mps rc $?" >> $W/engines-mps.log
     grep -h "round\|best\|rc \|MPS\|stopped" $W/engines-mps.log ;;
   tests1)
