@@ -20,7 +20,10 @@ each N gets its own set of processes. Rows go to the `engines` section; `best_co
 end-to-end row of either section.
 
 Levers: `--kv-cache-dtype fp8` (both ChatTTS and stock; sweep rows then go to `variants`), `--mps`
-(run the engines under an NVIDIA MPS daemon started and stopped by this script).
+(run the engines under an NVIDIA MPS daemon started and stopped by this script), `--decode`: `after`
+(the Decoder + Vocos pass once the GPT is done, as `decode_utterances`), `overlap` (decoded while
+the GPT generates, serving/overlap.py, as `ChatTTS.synthesize` does on a GPU) or `both` (each round
+runs twice; overlap rows carry `decode: "overlap"`, and sweep rows `e2e_overlap_audio_s_per_s`).
 
 Writes (merges into) benchmarks/results/throughput-<card>-<date>[-tag].json and a plot; prints a
 short table last. `--smoke` runs a tiny CPU-sized version (2 layers, 16 frames) of the same code.
@@ -130,6 +133,12 @@ def profiled(fn, cuda: bool, top: int = 12):
     return result, dict(by_cpu=rows("self_cpu_time_total"), by_device=rows("self_device_time_total"))
 
 
+def group_sizes(share: int) -> set[int]:
+    from chattts_vllm.serving.overlap import GROUP
+
+    return {min(GROUP, share - i) for i in range(0, share, GROUP)} if share else set()
+
+
 def child_engine(args) -> None:
     """One ChatTTS engine: start, warm up, then one timed share per round, each after the barrier."""
     import torch
@@ -155,7 +164,15 @@ def child_engine(args) -> None:
     texts, ps = requests_for(10**6 * (k + 1), big, min(24, frames))
     tts.infer_code(texts, ps, use_tqdm=False)                     # every batch size down from `big`
     tts.infer_code(texts[:1], ps[:1], use_tqdm=False)
-    warm_decoder(audio, set().union(*map(decode_shapes, shares)), frames, cuda)
+    modes = {r.get("decode", "after") for r in plan["rounds"]}
+    if "after" in modes:
+        warm_decoder(audio, set().union(*map(decode_shapes, shares)), frames, cuda)
+    if "overlap" in modes:
+        from chattts_vllm.audio.convnext import triton_kernels
+        from chattts_vllm.serving.overlap import warm_up_overlap
+
+        warm_up_overlap(audio, set().union(*map(group_sizes, shares)), frames)
+        triton_kernels("tune_cache").save()
     log(f"engine {k}: up in {t_up - t0:.0f} s, warmed in {time.time() - t_up:.0f} s")
     (sync / f"ready-{k}").write_text(json.dumps({"start_s": t_up - t0, "warm_s": time.time() - t_up}))
     for r, (share, off) in enumerate(zip(shares, offsets)):
@@ -163,7 +180,20 @@ def child_engine(args) -> None:
         while time.time() < t_go:
             pass
         out = {"share": share}
-        if share:
+        if share and plan["rounds"][r].get("decode") == "overlap":
+            from chattts_vllm.serving.overlap import OverlappedDecode
+
+            texts, ps = requests_for(off, share, frames)
+            t_start = time.time()
+            watcher = OverlappedDecode(audio)
+            res = tts.infer_code(texts, ps, use_tqdm=False, watcher=watcher)
+            t_gpt = time.time()
+            samples = sum(len(w) for w in watcher.finish(res))
+            if cuda:
+                torch.cuda.synchronize()
+            t_end = time.time()
+            out["streamed_frames"] = sum(g.pushed * len(g.rows) for g in watcher.groups)
+        elif share:
             texts, ps = requests_for(off, share, frames)
             t_start = time.time()
             res = tts.infer_code(texts, ps, use_tqdm=False)
@@ -174,6 +204,7 @@ def child_engine(args) -> None:
             else:
                 samples = decode(audio, frames_out, cuda)
             t_end = time.time()
+        if share:
             out.update(frames=sum(x.num_frames for x in res), samples=samples, t_go=t_go,
                        t_start=t_start, t_gpt_end=t_gpt, t_end=t_end, gpt_s=t_gpt - t_start,
                        decode_s=t_end - t_gpt)
@@ -277,7 +308,8 @@ def sweep_kwargs(args, max_batch: int, cuda: bool) -> dict:
 
 def engine_sets(args, model: Path, cuda: bool, total_gib: float) -> list[dict]:
     """Process sets for the multi-engine rounds: one set for all rounds if it fits in memory."""
-    rounds = [dict(engines=n, batch=b, shares=shares_of(b, n)) for b in args.batches for n in args.engines]
+    rounds = [dict(engines=n, batch=b, shares=shares_of(b, n), decode=m)
+              for b in args.batches for n in args.engines for m in decode_modes(args)]
     per_seq = math.ceil((max_prompt_len(model, max(args.batches)) + args.frames + 1) / BLOCK) * BLOCK
     per_tok = kv_bytes_per_token(model, args.kv_cache_dtype, args.dtype)
 
@@ -314,6 +346,10 @@ def engine_sets(args, model: Path, cuda: bool, total_gib: float) -> list[dict]:
     log(f"all rounds in one set need {one['need_gib']:.0f} GiB > 90% of {total_gib:.0f}: "
         f"{len(sets)} sets of engine processes")
     return [make([rounds[i] for i in sorted(ids_)], sorted(ids_)) for ids_ in sets]
+
+
+def decode_modes(args) -> list[str]:
+    return ["after", "overlap"] if args.decode == "both" else [args.decode]
 
 
 def child_env(cuda: bool, frame_dir: str | None) -> dict:
@@ -365,19 +401,23 @@ def run_engine_set(args, model: Path, eset: dict, work: Path, env: dict, deadlin
             n = sum(o["frames"] for o in act)
             gpt_wall = max(o["t_gpt_end"] for o in act) - t_go
             e2e_wall = max(o["t_end"] for o in act) - t_go
-            row = dict(engines=rnd["engines"], batch=rnd["batch"], shares=rnd["shares"], frames=n,
+            row = dict(engines=rnd["engines"], batch=rnd["batch"], shares=rnd["shares"],
+                       decode=rnd.get("decode", "after"), frames=n,
                        gpt_s=gpt_wall, gpt_frames_per_s=n / gpt_wall, gpt_audio_s_per_s=n / FPS / gpt_wall,
                        decode_s=max(o["decode_s"] for o in act), e2e_s=e2e_wall,
                        e2e_audio_s_per_s=n / FPS / e2e_wall,
                        per_engine_gpt_s=[round(o["gpt_s"], 3) for o in act],
                        per_engine_decode_s=[round(o["decode_s"], 3) for o in act],
+                       **({"streamed_frames": sum(o["streamed_frames"] for o in act)}
+                          if rnd.get("decode") == "overlap" else {}),
                        **({"decode_profile": [o.get("decode_profile") for o in act]}
                           if args.profile_decode else {}),
                        start_skew_s=max(o["t_start"] for o in act) - t_go,
                        engine_start_s=[round(x["start_s"], 1) for x in ready],
                        kv_cache_dtype=args.kv_cache_dtype, mps=args.mps)
             rows.append(row)
-            log(f"round engines={row['engines']} batch={row['batch']}: gpt {row['gpt_audio_s_per_s']:.1f}, "
+            log(f"round engines={row['engines']} batch={row['batch']} decode={row['decode']}: "
+                f"gpt {row['gpt_audio_s_per_s']:.1f}, "
                 f"e2e {row['e2e_audio_s_per_s']:.1f} audio-s/s (gpt {gpt_wall:.2f} s, e2e {e2e_wall:.2f} s)")
     except (RuntimeError, TimeoutError) as e:
         log(f"engine set stopped early: {e}")
@@ -419,6 +459,8 @@ def merge(old: list[dict], new: list[dict], key) -> list[dict]:
 def best_config(data: dict) -> dict | None:
     cands = [dict(r, engines=r.get("engines", 1)) for sec in ("rows", "variants", "engines")
              for r in data.get(sec, []) if r.get("e2e_audio_s_per_s")]
+    cands += [dict(r, engines=1, decode="overlap", e2e_audio_s_per_s=r["e2e_overlap_audio_s_per_s"])
+              for sec in ("rows", "variants") for r in data.get(sec, []) if r.get("e2e_overlap_audio_s_per_s")]
     return max(cands, key=lambda r: r["e2e_audio_s_per_s"], default=None)
 
 
@@ -437,6 +479,7 @@ def plot(data: dict, path: Path) -> None:
     for sec, suffix in (("rows", ""), ("variants", " (kv {})")):
         for key, label in [("gpt_audio_s_per_s", "ChatTTS GPT only"),
                            ("e2e_audio_s_per_s", "ChatTTS end to end"),
+                           ("e2e_overlap_audio_s_per_s", "ChatTTS end to end, decode overlapped"),
                            ("stock_llama_audio_s_per_s", "stock vLLM Llama (ceiling)")]:
             groups: dict[str, list] = {}
             for r in data.get(sec, []):
@@ -454,10 +497,12 @@ def plot(data: dict, path: Path) -> None:
         ax = axes[0][1]
         groups = {}
         for r in eng:
-            groups.setdefault((r["batch"], r.get("kv_cache_dtype", "auto"), r.get("mps", False)), []).append(r)
-        for (b, kv, mps), rs in sorted(groups.items()):
+            groups.setdefault((r["batch"], r.get("kv_cache_dtype", "auto"), r.get("mps", False),
+                               r.get("decode", "after")), []).append(r)
+        for (b, kv, mps, dec), rs in sorted(groups.items()):
             rs = sorted(rs, key=lambda r: r["engines"])
-            tag = f"batch {b}" + (f", kv {kv}" if kv != "auto" else "") + (", MPS" if mps else "")
+            tag = (f"batch {b}" + (f", kv {kv}" if kv != "auto" else "") + (", MPS" if mps else "")
+                   + (", decode overlapped" if dec == "overlap" else ""))
             ax.plot([r["engines"] for r in rs], [r["e2e_audio_s_per_s"] for r in rs], marker="o",
                     label=f"end to end, {tag}")
             ax.plot([r["engines"] for r in rs], [r["gpt_audio_s_per_s"] for r in rs], marker="x",
@@ -473,24 +518,24 @@ def plot(data: dict, path: Path) -> None:
 
 
 def print_tables(data: dict) -> None:
-    print(f"\n{'batch':>6} {'kv':>5} {'gpt fr/s':>10} {'gpt aud/s':>10} {'e2e aud/s':>10} "
+    print(f"\n{'batch':>6} {'kv':>5} {'gpt fr/s':>10} {'gpt aud/s':>10} {'e2e aud/s':>10} {'e2e ovl':>8} "
           f"{'stock aud/s':>12} {'gpt/stock':>9} {'e2e/gpt':>8}")
     for r in data.get("rows", []) + data.get("variants", []):
-        g, e, s = (r.get(k, 0) or 0 for k in ("gpt_audio_s_per_s", "e2e_audio_s_per_s",
-                                              "stock_llama_audio_s_per_s"))
+        g, e, o, s = (r.get(k, 0) or 0 for k in ("gpt_audio_s_per_s", "e2e_audio_s_per_s",
+                                                 "e2e_overlap_audio_s_per_s", "stock_llama_audio_s_per_s"))
         print(f"{r['batch']:>6} {r.get('kv_cache_dtype', 'auto'):>5} {r.get('gpt_frames_per_s', 0):>10.0f} "
-              f"{g:>10.1f} {e:>10.1f} {s:>12.1f} {g / s if s else 0:>9.2f} {e / g if g else 0:>8.2f}")
+              f"{g:>10.1f} {e:>10.1f} {o:>8.1f} {s:>12.1f} {g / s if s else 0:>9.2f} {e / g if g else 0:>8.2f}")
     if data.get("engines"):
-        print(f"\n{'engines':>7} {'batch':>6} {'kv':>5} {'mps':>4} {'gpt aud/s':>10} {'e2e aud/s':>10} "
-              f"{'gpt s':>7} {'e2e s':>7}")
+        print(f"\n{'engines':>7} {'batch':>6} {'kv':>5} {'mps':>4} {'decode':>8} {'gpt aud/s':>10} "
+              f"{'e2e aud/s':>10} {'gpt s':>7} {'e2e s':>7}")
         for r in data["engines"]:
             print(f"{r['engines']:>7} {r['batch']:>6} {r.get('kv_cache_dtype', 'auto'):>5} "
-                  f"{'y' if r.get('mps') else 'n':>4} {r['gpt_audio_s_per_s']:>10.1f} "
+                  f"{'y' if r.get('mps') else 'n':>4} {r.get('decode', 'after'):>8} {r['gpt_audio_s_per_s']:>10.1f} "
                   f"{r['e2e_audio_s_per_s']:>10.1f} {r['gpt_s']:>7.2f} {r['e2e_s']:>7.2f}")
     b = data.get("best_config")
     if b:
-        print(f"\nbest: {b['engines']} engine(s), batch {b['batch']}, kv {b.get('kv_cache_dtype', 'auto')}: "
-              f"e2e {b['e2e_audio_s_per_s']:.1f} audio-s/s")
+        print(f"\nbest: {b['engines']} engine(s), batch {b['batch']}, kv {b.get('kv_cache_dtype', 'auto')}, "
+              f"decode {b.get('decode', 'after')}: e2e {b['e2e_audio_s_per_s']:.1f} audio-s/s")
 
 
 class MPS:
@@ -524,6 +569,8 @@ def main() -> None:
     p.add_argument("--kv-cache-dtype", default="auto", help="auto (= model dtype) or fp8")
     p.add_argument("--mps", action="store_true", help="run the engines under an MPS daemon")
     p.add_argument("--skip-stock", action="store_true")
+    p.add_argument("--decode", choices=["after", "overlap", "both"], default="both",
+                   help="decode after the GPT, while it generates, or each round both ways")
     p.add_argument("--profile-decode", action="store_true",
                    help="each engine's decode under torch.profiler (its top ops go into the JSON rows)")
     p.add_argument("--time-limit", type=float, default=510,
@@ -579,7 +626,8 @@ def main() -> None:
                     eng_rows += run_engine_set(args, model, eset, work, env, deadline)
                 sweep, stock = [], {}
             else:
-                eset = dict(rounds=[dict(engines=1, batch=b, shares=[b]) for b in args.batches],
+                eset = dict(rounds=[dict(engines=1, batch=b, shares=[b], decode=m)
+                                    for b in args.batches for m in decode_modes(args)],
                             round_ids=[0], engine_kwargs=[sweep_kwargs(args, max(args.batches), cuda)],
                             need_gib=0)
                 # Stock first: the ceiling is the number a ratio cannot do without, and ChatTTS's
@@ -601,17 +649,28 @@ def main() -> None:
     data.update(card=card, date=date, vllm=vllm.__version__, frames=args.frames,
                 num_layers=args.num_layers, dtype=args.dtype, engine_core=core)
     rows = []
-    for r in sweep:
-        row = {k: v for k, v in r.items() if k not in ("engines", "shares", "per_engine_gpt_s",
-                                                       "per_engine_decode_s", "start_skew_s", "e2e_s", "mps")}
-        rows.append({**row, **stock.get(r["batch"], {})})
+    drop = ("engines", "shares", "per_engine_gpt_s", "per_engine_decode_s", "start_skew_s", "e2e_s", "mps",
+            "decode", "streamed_frames")
+    for b in args.batches:
+        after = [r for r in sweep if r["batch"] == b and r["decode"] == "after"]
+        over = [r for r in sweep if r["batch"] == b and r["decode"] == "overlap"]
+        if not after and not over:
+            continue
+        row = {k: v for k, v in (after or over)[0].items() if k not in drop}
+        if not after:                    # overlap only: its GPT and e2e are the row's
+            row["decode"] = "overlap"
+        if over and after:
+            o = over[0]
+            row.update(gpt_overlap_audio_s_per_s=o["gpt_audio_s_per_s"],
+                       e2e_overlap_audio_s_per_s=o["e2e_audio_s_per_s"], decode_overlap_s=o["decode_s"])
+        rows.append({**row, **stock.get(b, {})})
     if rows:
         sec = "rows" if args.kv_cache_dtype == "auto" else "variants"
         data[sec] = merge(data.get(sec, []), rows, key=lambda r: (r.get("kv_cache_dtype", "auto"), r["batch"]))
     if eng_rows:
         data["engines"] = merge(data.get("engines", []), eng_rows,
                                 key=lambda r: (r.get("kv_cache_dtype", "auto"), bool(r.get("mps")),
-                                               r["batch"], r["engines"]))
+                                               r["batch"], r["engines"], r.get("decode", "after")))
     data["best_config"] = best_config(data)
     data["notes"] = ("audio-s/s = frames / 46.875 / wall s; e2e = GPT, then Decoder + Vocos (bf16, Triton, "
                      "warmed up for every shape), audio copied to host; engines rows: N engine processes "

@@ -19,6 +19,7 @@ from chattts_vllm.gpt.requests import (CodeResult, code_request, collect_code_re
                                        refine_request, refine_result_ids)
 from chattts_vllm.runners.outputs import FrameReader
 from chattts_vllm.params import InferCodeParams, RefineTextParams
+from chattts_vllm.serving.overlap import FrameWatcher, OverlappedDecode
 from chattts_vllm.serving.pipeline import SpeechPlan, decode_utterances
 from chattts_vllm.serving.pipeline import split_text as _split
 from chattts_vllm.text.prompt import ChatTTSTokenizer, refine_ids_to_text
@@ -74,8 +75,12 @@ class ChatTTS:
 
     def infer_code(self, texts: Sequence[str],
                    params: InferCodeParams | Sequence[InferCodeParams] | None = None,
-                   *, voices: Sequence | None = None, use_tqdm: bool = True) -> list[CodeResult]:
-        """Codes and hidden states per text. `voices` (one per text) override `params.spk_emb`."""
+                   *, voices: Sequence | None = None, use_tqdm: bool = True,
+                   watcher: FrameWatcher | None = None) -> list[CodeResult]:
+        """Codes and hidden states per text. `voices` (one per text) override `params.spk_emb`.
+
+        `watcher.start(keys)` gets the requests' frame-file keys before the engine runs them and
+        `watcher.stop()` comes once it is done, before the files go (serving/overlap.py)."""
         ps = _per_text(params, len(texts), InferCodeParams)
         speakers = [self.voice(v) for v in voices] if voices is not None else [None] * len(texts)
         if len(speakers) != len(texts):
@@ -83,8 +88,14 @@ class ChatTTS:
         reqs = [code_request(self.tokenizer, t, p, speaker=s, max_model_len=self.max_model_len)
                 for t, p, s in zip(texts, ps, speakers)]
         try:
-            outs = self.llm.generate([r.prompt for r in reqs], [r.sampling_params for r in reqs],
-                                     use_tqdm=use_tqdm)
+            if watcher is not None:
+                watcher.start([r.sink for r in reqs])
+            try:
+                outs = self.llm.generate([r.prompt for r in reqs], [r.sampling_params for r in reqs],
+                                         use_tqdm=use_tqdm)
+            finally:
+                if watcher is not None:
+                    watcher.stop()
             # Reading back is syscalls and large copies that release the GIL, so a few threads
             # share a big batch (512 x 10 s is ~740 MB of records) instead of one reading it all.
             with ThreadPoolExecutor(max_workers=min(8, max(1, len(reqs) // 16))) as pool:
@@ -119,12 +130,14 @@ class ChatTTS:
                    voices: Sequence | None = None, *, use_decoder: bool = True,
                    skip_refine_text: bool = True, refine_params: RefineTextParams | None = None,
                    split_text: bool = True, normalize: bool = True,
-                   use_tqdm: bool = False) -> list[np.ndarray]:
+                   use_tqdm: bool = False, overlap_decode: bool | None = None) -> list[np.ndarray]:
         """Texts -> one 24 kHz float32 waveform each.
 
         Every sentence of a text uses that text's voice (`voices[i]`, else `params.spk_emb`, else
         none) and seed `manual_seed + k` for its k-th sentence. `use_decoder=False` decodes the
-        codes with the DVAE instead of the hidden states with the Decoder.
+        codes with the DVAE instead of the hidden states with the Decoder. `overlap_decode`
+        (default: when the audio models are on a GPU) decodes while the GPT generates
+        (serving/overlap.py); the audio is the same up to the kernels' rounding.
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
         ps = _per_text(params, len(texts), InferCodeParams)
@@ -141,10 +154,16 @@ class ChatTTS:
         sentences = [f[0] for f in flat]
         if not skip_refine_text:
             sentences = self.refine_text(sentences, [f[3] for f in flat])
-        results = self.infer_code(sentences, [f[1] for f in flat], voices=[f[2] for f in flat],
-                                  use_tqdm=use_tqdm)
         models = self.audio_models()
-        wavs = decode_utterances(models, [(r.codes, r.hidden) for r in results], use_decoder)
+        if overlap_decode is None:
+            overlap_decode = next(models.vocos.parameters()).is_cuda
+        watcher = OverlappedDecode(models, use_decoder) if overlap_decode else None
+        results = self.infer_code(sentences, [f[1] for f in flat], voices=[f[2] for f in flat],
+                                  use_tqdm=use_tqdm, watcher=watcher)
+        if watcher is not None:
+            wavs = watcher.finish(results)
+        else:
+            wavs = decode_utterances(models, [(r.codes, r.hidden) for r in results], use_decoder)
         out, k = [], 0
         for plan in plans:
             n = len(plan.sentences)

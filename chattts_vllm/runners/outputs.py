@@ -187,6 +187,7 @@ class FrameReader:
         self.path = frame_path(key)
         self.hidden_size = hidden_size
         self.record = record_size(hidden_size)
+        self._fd = -1                       # kept open by `has`
 
     def read(self, start: int, stop: int, timeout: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
         """Frames [start, stop): codes [n, 4] int32 and hidden states [n, hidden] float32, both
@@ -226,6 +227,23 @@ class FrameReader:
                 os.close(fd)
         return rec[:, 1:1 + NUM_VQ].copy(), np.ascontiguousarray(rec[:, 1 + NUM_VQ:]).view(np.float32)
 
+    def has(self, index: int) -> bool:
+        """Whether record `index` is written (frames are written in order, so all before it are).
+        Keeps the file open for the next call (a watcher polls hundreds of files); `release`."""
+        if self._fd < 0:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                return False
+        marker = os.pread(self._fd, 4, index * self.record)
+        return len(marker) == 4 and int.from_bytes(marker, "little", signed=True) == index + 1
+
+    def release(self) -> None:
+        """Close the file `has` keeps open (the file itself stays)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
     def _fill(self, fd: int, rec: np.ndarray, start: int, done: int, want: np.ndarray) -> int:
         """Read records [done, n) of the range into `rec`; the new count of leading records that
         carry their marker."""
@@ -239,6 +257,7 @@ class FrameReader:
         return done + (int(bad[0]) if bad.size else pos - done)
 
     def close(self) -> None:
+        self.release()
         try:
             self.path.unlink()
         except FileNotFoundError:

@@ -85,7 +85,7 @@ def test_stream_work_per_chunk_is_bounded(tiny_models):
     assert sum(c.decoder_frames for c in s.chunks) <= total * (1 + (ctx_d + 1) / block)
     assert sum(c.samples for c in s.chunks) == got.shape[0] == 512 * total - 256
     # Buffers hold only context, not the prefix.
-    assert s._frames.data.shape[0] <= 2 * block + ctx_d and s._mel.data.shape[0] <= 4 * block + 2 * ctx_v
+    assert s._frames.data.shape[1] <= 2 * block + ctx_d and s._mel.data.shape[1] <= 4 * block + 2 * ctx_v
     ref = voc(dec(x.T[None]))[0]
     assert (got - ref).abs().max().item() <= 1e-4
 
@@ -128,3 +128,60 @@ def test_stream_equals_oneshot_on_gpu_triton_bf16():
     got, _ = _stream(dec, voc, hidden, [24, 7, 40])
     assert got.shape == ref.shape
     assert (got.float() - ref).abs().max().item() <= 2e-3 * ref.abs().max().item()
+
+
+@torch.inference_mode()
+def test_batched_stream_equals_each_row_oneshot(tiny_models):
+    """Rows pushed in lockstep as one (B, T, D) batch: each row's samples equal its own one-shot
+    decode; `select` splits rows off with their state, and each part flushes at its own length."""
+    dec, voc = tiny_models
+    lengths = [50, 50, 33, 41]
+    g = torch.Generator().manual_seed(11)
+    xs = [torch.randn(n, 16, generator=g) for n in lengths]
+    s = StreamingDecoder(dec, voc)
+    head = [s.push(torch.stack([x[a:b] for x in xs])) for a, b in [(0, 7), (7, 20), (20, 33)]]
+    assert all(h.dim() == 2 and h.shape[0] == 4 for h in head)
+    head = torch.cat(head, dim=1)
+    got = {}
+    for rows in ([0, 1], [2], [3]):
+        part = s.select(rows)
+        n = lengths[rows[0]]
+        tail = [part.push(torch.stack([xs[r][33:n] for r in rows]))] if n > 33 else []
+        tail = torch.cat(tail + [part.flush()], dim=1)
+        for j, r in enumerate(rows):
+            got[r] = torch.cat([head[r], tail[j]])
+    for r, x in enumerate(xs):
+        ref = voc(dec(x.T[None]))[0]
+        assert got[r].shape == ref.shape == (512 * lengths[r] - 256,)
+        assert (got[r] - ref).abs().max().item() <= 1e-4
+
+
+def test_batched_and_single_pushes_do_not_mix(tiny_models):
+    s = StreamingDecoder(*tiny_models)
+    s.push(torch.randn(2, 3, 16))
+    with pytest.raises(ValueError, match=r"\(B, T_new, D\)"):
+        s.push(torch.randn(3, 16))
+    with pytest.raises(ValueError, match="3 rows"):
+        s.push(torch.randn(3, 1, 16))
+    single = StreamingDecoder(*tiny_models)
+    single.push(torch.randn(3, 16))
+    with pytest.raises(ValueError):
+        single.select([0])
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_batched_stream_equals_oneshot_on_gpu_triton_bf16():
+    """Lockstep rows on the Triton kernels in bf16 (the offline overlap's decode, serving/overlap.py):
+    each row as close to its one-shot decode as the single-row stream is."""
+    sd = state_dicts(0)
+    dec = load_decoder(sd["Decoder.safetensors"], device="cuda", dtype=torch.bfloat16)
+    voc = load_vocos(sd["Vocos.safetensors"], device="cuda", dtype=torch.bfloat16)
+    hidden = torch.randn(5, 300, 768, generator=torch.Generator().manual_seed(0)).cuda()
+    s = StreamingDecoder(dec, voc)
+    got = torch.cat([s.push(hidden[:, a:a + 47]) for a in range(0, 282, 47)]
+                    + [s.push(hidden[:, 282:]), s.flush()], dim=1).float()
+    for r in range(5):
+        ref = voc(dec(hidden[r].T[None].to(torch.bfloat16)))[0].float()
+        assert got[r].shape == ref.shape
+        assert (got[r] - ref).abs().max().item() <= 2e-3 * ref.abs().max().item()
