@@ -154,7 +154,6 @@ class OverlappedDecode:
         pushed = np.concatenate(g.codes, axis=1)        # (B, pushed, 4)
         same = [k for k, r in enumerate(g.rows)
                 if results[r].num_frames >= g.pushed and np.array_equal(results[r].codes[:g.pushed], pushed[k])]
-        head = torch.cat(g.wav, dim=1)[same].numpy() if same else None
         by_length: dict[int, list[int]] = {}
         for k in same:
             by_length.setdefault(results[g.rows[k]].num_frames, []).append(k)
@@ -167,8 +166,8 @@ class OverlappedDecode:
                                                                self.use_decoder) for k in ks])))
             tail.append(dec.flush())
             rest = torch.cat(tail, dim=1).float().cpu().numpy()
-            for j, k in enumerate(ks):
-                out[g.rows[k]] = np.concatenate([head[same.index(k)], rest[j]])
+            for j, k in enumerate(ks):                  # one copy of each row's samples
+                out[g.rows[k]] = np.concatenate([w[k].numpy() for w in g.wav] + [rest[j]])
 
 
 @torch.inference_mode()
