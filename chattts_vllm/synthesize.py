@@ -130,14 +130,15 @@ class ChatTTS:
                    voices: Sequence | None = None, *, use_decoder: bool = True,
                    skip_refine_text: bool = True, refine_params: RefineTextParams | None = None,
                    split_text: bool = True, normalize: bool = True,
-                   use_tqdm: bool = False, overlap_decode: bool | None = None) -> list[np.ndarray]:
+                   use_tqdm: bool = False, overlap_decode: bool = False) -> list[np.ndarray]:
         """Texts -> one 24 kHz float32 waveform each.
 
         Every sentence of a text uses that text's voice (`voices[i]`, else `params.spk_emb`, else
         none) and seed `manual_seed + k` for its k-th sentence. `use_decoder=False` decodes the
         codes with the DVAE instead of the hidden states with the Decoder. `overlap_decode`
-        (default: when the audio models are on a GPU) decodes while the GPT generates
-        (serving/overlap.py); the audio is the same up to the kernels' rounding.
+        decodes while the GPT generates (serving/overlap.py; the audio is the same up to the
+        kernels' rounding). Off by default: with the engine core in this process it slowed an
+        H200's GPT more than it saved (2026-11-29, batch 512: 885 -> 662 audio-s/s end to end).
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
         ps = _per_text(params, len(texts), InferCodeParams)
@@ -155,8 +156,6 @@ class ChatTTS:
         if not skip_refine_text:
             sentences = self.refine_text(sentences, [f[3] for f in flat])
         models = self.audio_models()
-        if overlap_decode is None:
-            overlap_decode = next(models.vocos.parameters()).is_cuda
         watcher = OverlappedDecode(models, use_decoder) if overlap_decode else None
         results = self.infer_code(sentences, [f[1] for f in flat], voices=[f[2] for f in flat],
                                   use_tqdm=use_tqdm, watcher=watcher)

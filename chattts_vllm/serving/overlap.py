@@ -15,6 +15,14 @@ A frame is pushed only once the record after it exists, so a frame that turns ou
 last (its EOS is not audio) is never pushed early. `finish` compares the pushed codes with the
 engine's final ones and decodes a row in one shot again if they differ (a frame re-sampled after
 it was read), so the overlap can only cost time, never change audio.
+
+Measured (H200, 2026-11-29, batch 512 of 10 s, bench_throughput --decode both): with the engine
+core in the same process (VLLM_ENABLE_V1_MULTIPROCESSING=0) the thread's reads and copies hold the
+GIL that the host-bound engine loop needs: one engine's GPT went from 1,006 to 707 audio-s/s and
+end to end from 885 to 662; with 2 and 4 engines under MPS the overlap also lost (1,428 -> 1,344,
+1,368 -> 1,306). So `ChatTTS.synthesize` leaves it off unless asked (`overlap_decode=True`); it is
+for an engine core in its own process, where this process's GIL is free while the GPT runs
+(not yet measured).
 """
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ def test_overlap_survives_a_failing_thread(models, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_synthesize_with_overlap_equals_without(engine, models):
+def test_overlap_on_the_engine_equals_decode_after(engine, models):
     """The CPU engine: 6 texts of three lengths, decoded while generated (blocks of 8 frames in
     groups of 4) and after; the watcher pushed before the engine was done."""
     frames = [60, 60, 45, 60, 30, 52]
@@ -113,3 +113,14 @@ def test_synthesize_with_overlap_equals_without(engine, models):
     assert [r.num_frames for r in results] == frames
     assert max(pushed) >= 8, pushed                # streamed during generation, not all after
     _assert_same_audio(got, decode_utterances(models, [(r.codes, r.hidden) for r in results]))
+
+
+@pytest.mark.slow
+def test_synthesize_overlap_decode_flag(engine):
+    """`ChatTTS.synthesize(overlap_decode=True)` gives the audio of the default path."""
+    texts = ["first overlap text", "second overlap text", "third one"]
+    ps = [InferCodeParams(manual_seed=i, min_new_token=n, max_new_token=n) for i, n in enumerate([40, 40, 25])]
+    plain = engine.synthesize(texts, ps, split_text=False)
+    overlapped = engine.synthesize(texts, ps, split_text=False, overlap_decode=True)
+    _assert_same_audio(overlapped, plain)
+    assert [len(w) for w in plain] == [512 * n - 256 for n in (40, 40, 25)]
