@@ -18,6 +18,7 @@ import torch
 from chattts_vllm.audio.checkpoint import AudioModels
 from chattts_vllm.audio.stream import StreamingDecoder
 from chattts_vllm.params import InferCodeParams, RefineTextParams
+from chattts_vllm.serving.staging import thread_staging
 from chattts_vllm.text.normalize import Normalizer
 
 SEED_MOD = 2**63
@@ -96,13 +97,50 @@ def decode_utterances(models: AudioModels, frames: list[tuple[np.ndarray, np.nda
     for i, (codes, _) in enumerate(frames):
         if len(codes):
             by_length.setdefault(len(codes), []).append(i)
-    for rows in by_length.values():
-        for k in range(0, len(rows), max_batch):
-            chunk = rows[k:k + max_batch]
-            x = torch.stack([frames_input(*frames[i], use_decoder) for i in chunk])
-            for i, wav in zip(chunk, _decode_rows(models, x, use_decoder)):
-                out[i] = wav
+    chunks = [rows[k:k + max_batch] for rows in by_length.values() for k in range(0, len(rows), max_batch)]
+    if next(models.vocos.parameters()).is_cuda:
+        _decode_chunks_pipelined(models, frames, chunks, use_decoder, out)
+        return out
+    for chunk in chunks:
+        x = torch.stack([frames_input(*frames[i], use_decoder) for i in chunk])
+        for i, wav in zip(chunk, _decode_rows(models, x, use_decoder)):
+            out[i] = wav
     return out
+
+
+def _decode_chunks_pipelined(models: AudioModels, frames: list[tuple[np.ndarray, np.ndarray]],
+                             chunks: list[list[int]], use_decoder: bool, out: list) -> None:
+    """`decode_utterances` on a GPU: each chunk stacked into a pinned buffer, copied in and its
+    audio copied back asynchronously, two buffers each way, so the host copies chunk n-1's audio
+    into the result arrays while the GPU decodes chunk n (serving/staging.py says why)."""
+    device = next(models.vocos.parameters()).device
+    stage = thread_staging()
+    mel = mel_model(models, use_decoder)
+    pending: tuple[list[int], torch.Tensor, torch.cuda.Event] | None = None
+    for n, chunk in enumerate(chunks):
+        slot = n % 2
+        xs = [frames_input(*frames[i], use_decoder) for i in chunk]
+        # Slot `slot` was last used by chunk n-2, whose copies ended before chunk n-1's audio
+        # was waited for below: both of its buffers are free.
+        x_host = stage.buffer(f"in{slot}", (len(xs), *xs[0].shape), xs[0].dtype)
+        torch.stack(xs, out=x_host)
+        wav = models.vocos.decode_frames(mel.decode_frames(x_host.to(device, non_blocking=True))).float()
+        wav_host = stage.buffer(f"out{slot}", tuple(wav.shape), torch.float32)
+        wav_host.copy_(wav, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        if pending is not None:
+            _collect(*pending, out)
+        pending = (chunk, wav_host, done)
+    if pending is not None:
+        _collect(*pending, out)
+
+
+def _collect(chunk: list[int], wav_host: torch.Tensor, done: torch.cuda.Event, out: list) -> None:
+    done.synchronize()
+    rows = wav_host.numpy().copy()                # the pinned buffer is reused two chunks later
+    for j, i in enumerate(chunk):
+        out[i] = rows[j]
 
 
 def stream_decoder(models: AudioModels, use_decoder: bool = True) -> StreamingDecoder:

@@ -238,6 +238,32 @@ def test_decode_utterances_equals_each_alone(tiny_models):
 
 
 @pytest.mark.gpu
+def test_pipelined_decode_utterances_equal_each_alone_on_gpu():
+    """The GPU path of `decode_utterances` (pinned double buffers, async copies both ways): five
+    chunks over three lengths, the longest last so the buffers grow while the previous chunk's
+    copies may be in flight, twice in a row (the buffers are reused); each row equals its own
+    decode_utterance (the pageable path) to bf16 rounding, empty rows included."""
+    from audio_upstream import state_dicts
+
+    sd = state_dicts(0)
+    dec = load_decoder(sd["Decoder.safetensors"], device="cuda", dtype=torch.bfloat16)
+    voc = load_vocos(sd["Vocos.safetensors"], device="cuda", dtype=torch.bfloat16)
+    models = AudioModels(decoder=dec, dvae=None, vocos=voc)
+    rng = np.random.default_rng(2)
+    lengths = (40, 40, 40, 0, 25, 25, 40, 90, 90)
+    frames = [(np.zeros((t, 4), np.int32), rng.standard_normal((t, 768)).astype(np.float32))
+              for t in lengths]
+    with torch.inference_mode():
+        ref = [decode_utterance(models, c, h) for c, h in frames]
+        runs = [decode_utterances(models, frames, max_batch=2) for _ in range(2)]
+    scale = max(np.abs(r).max() for r in ref if r.size)
+    for got in runs:
+        assert [len(g) for g in got] == [max(0, 512 * t - 256) for t in lengths]
+        for g, r in zip(got, ref):
+            assert g.dtype == np.float32 and (g.size == 0 or np.abs(g - r).max() <= 1e-2 * scale)
+
+
+@pytest.mark.gpu
 def test_coalesced_streams_equal_alone_on_gpu_triton():
     """Full-size models on CUDA, bf16 as served: 8 lockstep streams batched through the Triton
     kernels (batch 8 instead of 1) give each stream's solo audio; every row of a batched GEMM and
