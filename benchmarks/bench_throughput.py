@@ -20,7 +20,9 @@ each N gets its own set of processes. Rows go to the `engines` section; `best_co
 end-to-end row of either section.
 
 Levers: `--kv-cache-dtype fp8` (both ChatTTS and stock; sweep rows then go to `variants`), `--mps`
-(run the engines under an NVIDIA MPS daemon started and stopped by this script), `--decode`: `after`
+(run the engines under an NVIDIA MPS daemon started and stopped by this script), `--pin-cores`
+(engine k on the k-th slice of the cores: the 2-engine GPT times of 2026-11-29 were up to 40 %
+apart within a round), `--decode`: `after`
 (the Decoder + Vocos pass once the GPT is done, as `decode_utterances`), `overlap` (decoded while
 the GPT generates, serving/overlap.py, as `ChatTTS.synthesize` does on a GPU) or `both` (each round
 runs twice; overlap rows carry `decode: "overlap"`, and sweep rows `e2e_overlap_audio_s_per_s`).
@@ -139,14 +141,26 @@ def group_sizes(share: int) -> set[int]:
     return {min(GROUP, share - i) for i in range(0, share, GROUP)} if share else set()
 
 
+def core_slice(cores: list[int], k: int, n: int) -> list[int]:
+    """Engine k's share of `cores` among n engines (all of them if there are fewer cores)."""
+    if len(cores) < n:
+        return cores
+    return cores[k * len(cores) // n:(k + 1) * len(cores) // n]
+
+
 def child_engine(args) -> None:
     """One ChatTTS engine: start, warm up, then one timed share per round, each after the barrier."""
+    plan = json.loads(Path(args.plan).read_text())
+    if plan.get("pin_cores"):
+        # Before torch and vLLM start threads (they inherit this): engine k gets the k-th slice of
+        # the cores, so N host-bound engine loops and their pools do not migrate onto each other.
+        os.sched_setaffinity(0, core_slice(sorted(os.sched_getaffinity(0)), args.rank,
+                                           len(plan["engine_kwargs"])))
     import torch
 
     from chattts_vllm.audio.checkpoint import load_audio_models
     from chattts_vllm.synthesize import ChatTTS
 
-    plan = json.loads(Path(args.plan).read_text())
     k, sync, frames = args.rank, Path(args.sync), plan["frames"]
     shares = [r["shares"][k] if k < len(r["shares"]) else 0 for r in plan["rounds"]]
     offsets = [sum(r["shares"][:k]) for r in plan["rounds"]]
@@ -154,7 +168,8 @@ def child_engine(args) -> None:
     # The engine runs in this process, so vLLM's multiprocess worker does not cut torch's CPU
     # threads for it: N engines would each start an OpenMP pool as wide as the machine for the
     # CPU side of the decode (stacking, copies). Give each engine its share of the cores.
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // len(plan["engine_kwargs"])))
+    n_cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(max(1, n_cores if plan.get("pin_cores") else n_cores // len(plan["engine_kwargs"])))
     t0 = time.time()
     tts = ChatTTS(args.model, **plan["engine_kwargs"][k])
     audio = load_audio_models(args.model, device="cuda" if cuda else "cpu",
@@ -369,7 +384,7 @@ def run_engine_set(args, model: Path, eset: dict, work: Path, env: dict, deadlin
     sync = work / f"sync-{eset['round_ids'][0]}"
     sync.mkdir()
     plan = dict(frames=args.frames, rounds=eset["rounds"], engine_kwargs=eset["engine_kwargs"],
-                profile_decode=args.profile_decode)
+                profile_decode=args.profile_decode, pin_cores=args.pin_cores)
     (sync / "plan.json").write_text(json.dumps(plan))
     procs, rows = [], []
     try:
@@ -414,7 +429,8 @@ def run_engine_set(args, model: Path, eset: dict, work: Path, env: dict, deadlin
                           if args.profile_decode else {}),
                        start_skew_s=max(o["t_start"] for o in act) - t_go,
                        engine_start_s=[round(x["start_s"], 1) for x in ready],
-                       kv_cache_dtype=args.kv_cache_dtype, mps=args.mps)
+                       kv_cache_dtype=args.kv_cache_dtype, mps=args.mps,
+                       **({"pin_cores": True} if args.pin_cores else {}))
             rows.append(row)
             log(f"round engines={row['engines']} batch={row['batch']} decode={row['decode']}: "
                 f"gpt {row['gpt_audio_s_per_s']:.1f}, "
@@ -498,11 +514,11 @@ def plot(data: dict, path: Path) -> None:
         groups = {}
         for r in eng:
             groups.setdefault((r["batch"], r.get("kv_cache_dtype", "auto"), r.get("mps", False),
-                               r.get("decode", "after")), []).append(r)
-        for (b, kv, mps, dec), rs in sorted(groups.items()):
+                               r.get("decode", "after"), bool(r.get("pin_cores"))), []).append(r)
+        for (b, kv, mps, dec, pin), rs in sorted(groups.items()):
             rs = sorted(rs, key=lambda r: r["engines"])
             tag = (f"batch {b}" + (f", kv {kv}" if kv != "auto" else "") + (", MPS" if mps else "")
-                   + (", decode overlapped" if dec == "overlap" else ""))
+                   + (", decode overlapped" if dec == "overlap" else "") + (", pinned cores" if pin else ""))
             ax.plot([r["engines"] for r in rs], [r["e2e_audio_s_per_s"] for r in rs], marker="o",
                     label=f"end to end, {tag}")
             ax.plot([r["engines"] for r in rs], [r["gpt_audio_s_per_s"] for r in rs], marker="x",
@@ -531,7 +547,8 @@ def print_tables(data: dict) -> None:
         for r in data["engines"]:
             print(f"{r['engines']:>7} {r['batch']:>6} {r.get('kv_cache_dtype', 'auto'):>5} "
                   f"{'y' if r.get('mps') else 'n':>4} {r.get('decode', 'after'):>8} {r['gpt_audio_s_per_s']:>10.1f} "
-                  f"{r['e2e_audio_s_per_s']:>10.1f} {r['gpt_s']:>7.2f} {r['e2e_s']:>7.2f}")
+                  f"{r['e2e_audio_s_per_s']:>10.1f} {r['gpt_s']:>7.2f} {r['e2e_s']:>7.2f}"
+                  f"{'  pinned cores' if r.get('pin_cores') else ''}")
     b = data.get("best_config")
     if b:
         print(f"\nbest: {b['engines']} engine(s), batch {b['batch']}, kv {b.get('kv_cache_dtype', 'auto')}, "
@@ -571,6 +588,8 @@ def main() -> None:
     p.add_argument("--skip-stock", action="store_true")
     p.add_argument("--decode", choices=["after", "overlap", "both"], default="both",
                    help="decode after the GPT, while it generates, or each round both ways")
+    p.add_argument("--pin-cores", action="store_true",
+                   help="engine k runs on the k-th slice of the cores (sched_setaffinity)")
     p.add_argument("--profile-decode", action="store_true",
                    help="each engine's decode under torch.profiler (its top ops go into the JSON rows)")
     p.add_argument("--time-limit", type=float, default=510,
@@ -670,7 +689,8 @@ def main() -> None:
     if eng_rows:
         data["engines"] = merge(data.get("engines", []), eng_rows,
                                 key=lambda r: (r.get("kv_cache_dtype", "auto"), bool(r.get("mps")),
-                                               r["batch"], r["engines"], r.get("decode", "after")))
+                                               r["batch"], r["engines"], r.get("decode", "after"),
+                                               bool(r.get("pin_cores"))))
     data["best_config"] = best_config(data)
     data["notes"] = ("audio-s/s = frames / 46.875 / wall s; e2e = GPT, then Decoder + Vocos (bf16, Triton, "
                      "warmed up for every shape), audio copied to host; engines rows: N engine processes "

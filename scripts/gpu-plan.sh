@@ -38,6 +38,8 @@
 #   bash scripts/gpu-plan.sh thru1      # one card: throughput + stock, batch 1 and 512        (~9 min)
 #   bash scripts/gpu-plan.sh mpsengines [S] # one card: $ENGINES (2 3) engines under MPS       (~4-9 min)
 #                                       #   (BENCH_EXTRA="--decode after" skips the overlap rounds)
+#   bash scripts/gpu-plan.sh pinning    # one card: 2 and 3 engines under MPS, decode after, each  (~8 min)
+#                                       #   engine on its own cores, then not (same call)
 #   bash scripts/gpu-plan.sh tests1     # one card: GPU tests of the newest serving / sink code  (~6 min)
 #   bash scripts/gpu-plan.sh measure    # card 0: throughput + stock, then the ChatTTS host   (~9 min)
 #                                       #         profile (per step vs per batch)
@@ -261,6 +263,15 @@ case "${1:-}" in
         --batches 512 --skip-stock --mps --time-limit ${2:-550} ${BENCH_EXTRA:-} > $W/engines-mps.log 2>&1
     echo "mps rc $?" >> $W/engines-mps.log
     grep -h "round\|best\|rc \|MPS\|stopped" $W/engines-mps.log ;;
+  pinning)
+    # One card: the 2-engine GPT times of 2026-11-29 were up to 40 % apart within a round and
+    # 1,166-1,575 across calls; each engine on its own slice of the cores, then floating.
+    for pin in --pin-cores ""; do
+      card0 timeout 280 $py benchmarks/bench_throughput.py --engines 2 3 --batches 512 --skip-stock --mps \
+          --decode after $pin --time-limit 270 --tag "mps-pin${pin:+ned}" > "$W/engines-pin${pin:+ned}.log" 2>&1
+      echo "rc $?" >> "$W/engines-pin${pin:+ned}.log"; gpu_free
+    done
+    grep -h "round\|rc \|stopped" $W/engines-pin*.log ;;
   tests1)
     # One card: what changed since the last GPU tests (native sink failure path, early submit,
     # delta outputs, decode_utterances), then MRv2 parity.
@@ -276,7 +287,7 @@ case "${1:-}" in
     grep -h "^== \|^-- thread\|^   [a-z]" $W/profile*.log | head -60 ;;
   ray)
     RAY_TIMEOUT=420 OUT=$W bash scripts/gpu-check.sh ray | tail -8 ;;
-  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile|fronts|fronts-mps|mpsfront|thru1|mpsengines|tests1"; exit 2 ;;
+  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile|fronts|fronts-mps|mpsfront|thru1|mpsengines|pinning|tests1"; exit 2 ;;
 esac
 find benchmarks/results -maxdepth 1 -newer "$stamp" \( -name '*.json' -o -name '*.png' \) -exec cp -f {} $W/ \;
 rm -f "$stamp"
