@@ -267,9 +267,10 @@ case "${1:-}" in
     # One card: the 2-engine GPT times of 2026-11-29 were up to 40 % apart within a round and
     # 1,166-1,575 across calls; each engine on its own slice of the cores, then floating.
     for pin in --pin-cores ""; do
+      tag=$([ -n "$pin" ] && echo pinned || echo floating)
       card0 timeout 280 $py benchmarks/bench_throughput.py --engines 2 3 --batches 512 --skip-stock --mps \
-          --decode after $pin --time-limit 270 --tag "mps-pin${pin:+ned}" > "$W/engines-pin${pin:+ned}.log" 2>&1
-      echo "rc $?" >> "$W/engines-pin${pin:+ned}.log"; gpu_free
+          --decode after $pin --time-limit 270 --tag "mps-$tag" > "$W/engines-pin-$tag.log" 2>&1
+      echo "rc $?" >> "$W/engines-pin-$tag.log"; gpu_free
     done
     grep -h "round\|rc \|stopped" $W/engines-pin*.log ;;
   tests1)
