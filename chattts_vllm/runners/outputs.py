@@ -201,12 +201,23 @@ class FrameReader:
         n = max(0, stop - start)
         if n == 0:
             return np.zeros((0, NUM_VQ), np.int32), np.zeros((0, self.hidden_size), np.float32)
-        rec = np.empty((n, self.record // 4), np.int32)
+        rec = self.read_records(start, stop, timeout=timeout)
+        return rec[:, 1:1 + NUM_VQ].copy(), np.ascontiguousarray(rec[:, 1 + NUM_VQ:]).view(np.float32)
+
+    def read_records(self, start: int, stop: int, timeout: float = 10.0,
+                     out: np.ndarray | None = None) -> np.ndarray:
+        """The raw records [start, stop) as `read` waits for them, into `out` ([n, words] int32,
+        C-contiguous) if given: a caller that reads many files into one array makes no copies
+        under the GIL (the reads are syscalls that release it)."""
+        n = max(0, stop - start)
+        rec = np.empty((n, self.record // 4), np.int32) if out is None else out
+        if rec.shape != (n, self.record // 4) or not rec.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous [{n}, {self.record // 4}] array")
         want = np.arange(start + 1, stop + 1, dtype=np.int32)
         deadline, delay = time.monotonic() + timeout, 5e-5
         done, fd = 0, -1                  # records [0, done) of the range are read and marked
         try:
-            while True:
+            while done < n:
                 if fd < 0:
                     try:
                         fd = os.open(self.path, os.O_RDONLY)
@@ -225,7 +236,7 @@ class FrameReader:
         finally:
             if fd >= 0:
                 os.close(fd)
-        return rec[:, 1:1 + NUM_VQ].copy(), np.ascontiguousarray(rec[:, 1 + NUM_VQ:]).view(np.float32)
+        return rec
 
     def has(self, index: int) -> bool:
         """Whether record `index` is written (frames are written in order, so all before it are).

@@ -22,7 +22,9 @@ GIL that the host-bound engine loop needs: one engine's GPT went from 1,006 to 7
 end to end from 885 to 662; with 2 and 4 engines under MPS the overlap also lost (1,428 -> 1,344,
 1,368 -> 1,306). So `ChatTTS.synthesize` leaves it off unless asked (`overlap_decode=True`); it is
 for an engine core in its own process, where this process's GIL is free while the GPT runs
-(not yet measured).
+(not yet measured). Since those runs the thread reads all rows' records into one array by
+syscalls alone (`FrameReader.read_records`), with no numpy copies under the GIL (also not yet
+measured on a GPU).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ import torch
 
 from chattts_vllm.audio.checkpoint import AudioModels
 from chattts_vllm.audio.stream import StreamingDecoder
+from chattts_vllm.config import NUM_VQ
 from chattts_vllm.gpt.requests import CodeResult
 from chattts_vllm.runners.outputs import FrameReader
 from chattts_vllm.serving.pipeline import decode_utterances, frames_input, stream_decoder
@@ -124,9 +127,16 @@ class OverlappedDecode:
             rest = [k for k in range(len(g.rows)) if k not in set(ready)]
             self.groups.append(self._split(g, rest))
             self._split(g, ready, into=g)
-        frames = [self.readers[r].read(g.pushed, stop, timeout=1.0) for r in g.rows]
-        g.codes.append(np.stack([c for c, _ in frames]))
-        wav = g.decoder.push(torch.stack([frames_input(c, h, self.use_decoder) for c, h in frames]))
+        # Every row's records straight into one array, by syscalls that release the GIL: the
+        # host-bound engine loop in this process needs it (numpy copies would hold it).
+        rec = np.empty((len(g.rows), self.block, self.readers[0].record // 4), np.int32)
+        for j, r in enumerate(g.rows):
+            self.readers[r].read_records(g.pushed, stop, timeout=1.0, out=rec[j])
+        codes = rec[:, :, 1:1 + NUM_VQ]
+        g.codes.append(codes.copy())
+        x = (torch.from_numpy(rec.view(np.float32))[:, :, 1 + NUM_VQ:] if self.use_decoder
+             else torch.from_numpy(codes).long())
+        wav = g.decoder.push(x)
         g.wav.append(wav.float().cpu())             # waits for this stream only, off the GIL
         g.pushed = stop
         return True

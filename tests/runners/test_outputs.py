@@ -88,3 +88,27 @@ def test_reader_waits_for_late_frames_and_times_out_on_missing_ones():
     with pytest.raises(RuntimeError, match="fewer than 3 frames"):
         r.read(0, 3, timeout=0.1)               # the file is pre-sized: the marker decides
     w.close()
+
+
+def test_read_records_into_a_callers_array():
+    """Several files read into rows of one array (the overlap decode's batched read) give what
+    `read` gives; a wrong-shaped or strided target is refused."""
+    keys = [new_key() for _ in range(3)]
+    data = [random_frames(12, seed=s) for s in range(3)]
+    for key, (codes, hidden) in zip(keys, data):
+        w = FrameWriter(key)
+        for i in range(12):
+            w.write(i, codes[i], hidden[i])
+        w.close()
+    words = record_size() // 4
+    batch = np.empty((3, 8, words), np.int32)
+    for j, key in enumerate(keys):
+        assert np.shares_memory(FrameReader(key).read_records(4, 12, out=batch[j]), batch)
+    for j, (codes, hidden) in enumerate(data):
+        np.testing.assert_array_equal(batch[j, :, 1:5], codes[4:12])
+        np.testing.assert_array_equal(batch[j, :, 5:].view(np.float32), hidden[4:12])
+        np.testing.assert_array_equal(batch[j, :, 0], np.arange(5, 13))
+    with pytest.raises(ValueError):
+        FrameReader(keys[0]).read_records(0, 8, out=np.empty((7, words), np.int32))
+    with pytest.raises(ValueError):
+        FrameReader(keys[0]).read_records(0, 8, out=np.empty((8, 2 * words), np.int32)[:, ::2])
