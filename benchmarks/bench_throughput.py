@@ -24,7 +24,7 @@ Levers: `--kv-cache-dtype fp8` (both ChatTTS and stock; sweep rows then go to `v
 (engine k on the k-th slice of the cores: the 2-engine GPT times of 2026-11-29 were up to 40 %
 apart within a round), `--decode`: `after`
 (the Decoder + Vocos pass once the GPT is done, as `decode_utterances`), `overlap` (decoded while
-the GPT generates, serving/overlap.py, as `ChatTTS.synthesize` does on a GPU) or `both` (each round
+the GPT generates, serving/overlap.py, as `ChatTTS.synthesize(overlap_decode=True)` does) or `both` (each round
 runs twice; overlap rows carry `decode: "overlap"`, and sweep rows `e2e_overlap_audio_s_per_s`).
 
 Writes (merges into) benchmarks/results/throughput-<card>-<date>[-tag].json and a plot; prints a
@@ -76,9 +76,10 @@ def requests_for(start: int, n: int, frames: int):
     return texts, ps
 
 
-def decode_shapes(share: int) -> set[int]:
-    """Batch sizes of the decode chunks of `share` utterances."""
-    return {min(DECODE_CHUNK, share - i) for i in range(0, share, DECODE_CHUNK)} if share else set()
+def chunk_sizes(share: int, size: int) -> set[int]:
+    """Batch sizes of `share` utterances cut into chunks of `size` (the decode's calls, or the
+    overlap's lockstep groups)."""
+    return {min(size, share - i) for i in range(0, share, size)}
 
 
 def decode(audio, frames: list[tuple], cuda: bool) -> int:
@@ -135,12 +136,6 @@ def profiled(fn, cuda: bool, top: int = 12):
     return result, dict(by_cpu=rows("self_cpu_time_total"), by_device=rows("self_device_time_total"))
 
 
-def group_sizes(share: int) -> set[int]:
-    from chattts_vllm.serving.overlap import GROUP
-
-    return {min(GROUP, share - i) for i in range(0, share, GROUP)} if share else set()
-
-
 def core_slice(cores: list[int], k: int, n: int) -> list[int]:
     """Engine k's share of `cores` among n engines (all of them if there are fewer cores)."""
     if len(cores) < n:
@@ -181,12 +176,12 @@ def child_engine(args) -> None:
     tts.infer_code(texts[:1], ps[:1], use_tqdm=False)
     modes = {r.get("decode", "after") for r in plan["rounds"]}
     if "after" in modes:
-        warm_decoder(audio, set().union(*map(decode_shapes, shares)), frames, cuda)
+        warm_decoder(audio, set().union(*(chunk_sizes(s, DECODE_CHUNK) for s in shares)), frames, cuda)
     if "overlap" in modes:
         from chattts_vllm.audio.convnext import triton_kernels
-        from chattts_vllm.serving.overlap import warm_up_overlap
+        from chattts_vllm.serving.overlap import GROUP, warm_up_overlap
 
-        warm_up_overlap(audio, set().union(*map(group_sizes, shares)), frames)
+        warm_up_overlap(audio, set().union(*(chunk_sizes(s, GROUP) for s in shares)), frames)
         triton_kernels("tune_cache").save()
     log(f"engine {k}: up in {t_up - t0:.0f} s, warmed in {time.time() - t_up:.0f} s")
     (sync / f"ready-{k}").write_text(json.dumps({"start_s": t_up - t0, "warm_s": time.time() - t_up}))
@@ -195,31 +190,28 @@ def child_engine(args) -> None:
         while time.time() < t_go:
             pass
         out = {"share": share}
-        if share and plan["rounds"][r].get("decode") == "overlap":
-            from chattts_vllm.serving.overlap import OverlappedDecode
-
-            texts, ps = requests_for(off, share, frames)
-            t_start = time.time()
-            watcher = OverlappedDecode(audio)
-            res = tts.infer_code(texts, ps, use_tqdm=False, watcher=watcher)
-            t_gpt = time.time()
-            samples = sum(len(w) for w in watcher.finish(res))
-            if cuda:
-                torch.cuda.synchronize()
-            t_end = time.time()
-            out["streamed_frames"] = sum(g.pushed * len(g.rows) for g in watcher.groups)
-        elif share:
-            texts, ps = requests_for(off, share, frames)
-            t_start = time.time()
-            res = tts.infer_code(texts, ps, use_tqdm=False)
-            t_gpt = time.time()
-            frames_out = [(x.codes, x.hidden) for x in res]
-            if plan.get("profile_decode"):
-                samples, out["decode_profile"] = profiled(lambda: decode(audio, frames_out, cuda), cuda)
-            else:
-                samples = decode(audio, frames_out, cuda)
-            t_end = time.time()
         if share:
+            texts, ps = requests_for(off, share, frames)
+            t_start = time.time()
+            if plan["rounds"][r].get("decode") == "overlap":
+                from chattts_vllm.serving.overlap import OverlappedDecode
+
+                watcher = OverlappedDecode(audio)
+                res = tts.infer_code(texts, ps, use_tqdm=False, watcher=watcher)
+                t_gpt = time.time()
+                samples = sum(len(w) for w in watcher.finish(res))
+                if cuda:
+                    torch.cuda.synchronize()
+                out["streamed_frames"] = sum(g.pushed * len(g.rows) for g in watcher.groups)
+            else:
+                res = tts.infer_code(texts, ps, use_tqdm=False)
+                t_gpt = time.time()
+                frames_out = [(x.codes, x.hidden) for x in res]
+                if plan.get("profile_decode"):
+                    samples, out["decode_profile"] = profiled(lambda: decode(audio, frames_out, cuda), cuda)
+                else:
+                    samples = decode(audio, frames_out, cuda)
+            t_end = time.time()
             out.update(frames=sum(x.num_frames for x in res), samples=samples, t_go=t_go,
                        t_start=t_start, t_gpt_end=t_gpt, t_end=t_end, gpt_s=t_gpt - t_start,
                        decode_s=t_end - t_gpt)

@@ -91,10 +91,9 @@ class StreamingDecoder:
         (B, T_new, D) → (B, S)."""
         if self._ended:
             raise RuntimeError("push() after flush(): start a new StreamingDecoder per utterance")
-        want = {None: (2, 3), False: (2,), True: (3,)}[self._batched]
-        if frames.dim() not in want:
-            raise ValueError(f"expected {' or '.join(('(T_new, D)', '(B, T_new, D)')[d - 2] for d in want)} "
-                             f"frames, got {tuple(frames.shape)}")
+        if frames.dim() not in (2, 3) or self._batched not in (None, frames.dim() == 3):
+            form = {None: "(T_new, D) or (B, T_new, D)", False: "(T_new, D)", True: "(B, T_new, D)"}
+            raise ValueError(f"expected {form[self._batched]} frames, got {tuple(frames.shape)}")
         self._batched = frames.dim() == 3
         x = frames if self._batched else frames[None]
         if self._frames.data is not None and x.shape[0] != self._frames.data.shape[0]:

@@ -64,6 +64,12 @@ def record_size(hidden_size: int = HIDDEN_SIZE) -> int:
     return 4 * (1 + NUM_VQ + hidden_size)
 
 
+def record_fields(rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Views of the codes ([..., 4] int32) and hidden states ([..., hidden] float32) of raw
+    int32 records ([..., words], any leading dims): no copies."""
+    return rec[..., 1:1 + NUM_VQ], rec[..., 1 + NUM_VQ:].view(np.float32)
+
+
 def _create_or_open(path: Path) -> tuple[int, int]:
     """(descriptor, size) of the file, created if missing. A new file is the common case and needs
     no fstat (each syscall here is a GIL hand-off of the sink thread)."""
@@ -201,8 +207,8 @@ class FrameReader:
         n = max(0, stop - start)
         if n == 0:
             return np.zeros((0, NUM_VQ), np.int32), np.zeros((0, self.hidden_size), np.float32)
-        rec = self.read_records(start, stop, timeout=timeout)
-        return rec[:, 1:1 + NUM_VQ].copy(), np.ascontiguousarray(rec[:, 1 + NUM_VQ:]).view(np.float32)
+        codes, hidden = record_fields(self.read_records(start, stop, timeout=timeout))
+        return codes.copy(), np.ascontiguousarray(hidden)
 
     def read_records(self, start: int, stop: int, timeout: float = 10.0,
                      out: np.ndarray | None = None) -> np.ndarray:

@@ -38,9 +38,8 @@ import torch
 
 from chattts_vllm.audio.checkpoint import AudioModels
 from chattts_vllm.audio.stream import StreamingDecoder
-from chattts_vllm.config import NUM_VQ
 from chattts_vllm.gpt.requests import CodeResult
-from chattts_vllm.runners.outputs import FrameReader
+from chattts_vllm.runners.outputs import FrameReader, record_fields
 from chattts_vllm.serving.pipeline import decode_utterances, frames_input, stream_decoder
 
 BLOCK = 47                  # frames per push (1 s of audio): the tail left after the GPT is ~this
@@ -124,7 +123,7 @@ class OverlappedDecode:
         if len(ready) < len(g.rows):
             if not all(self.readers[g.rows[k]].has(stop + 2) for k in ready):
                 return False                            # the rest may be a moment late
-            rest = [k for k in range(len(g.rows)) if k not in set(ready)]
+            rest = sorted(set(range(len(g.rows))) - set(ready))
             self.groups.append(self._split(g, rest))
             self._split(g, ready, into=g)
         # Every row's records straight into one array, by syscalls that release the GIL: the
@@ -132,10 +131,9 @@ class OverlappedDecode:
         rec = np.empty((len(g.rows), self.block, self.readers[0].record // 4), np.int32)
         for j, r in enumerate(g.rows):
             self.readers[r].read_records(g.pushed, stop, timeout=1.0, out=rec[j])
-        codes = rec[:, :, 1:1 + NUM_VQ]
+        codes, hidden = record_fields(rec)
         g.codes.append(codes.copy())
-        x = (torch.from_numpy(rec.view(np.float32))[:, :, 1 + NUM_VQ:] if self.use_decoder
-             else torch.from_numpy(codes).long())
+        x = torch.from_numpy(hidden) if self.use_decoder else torch.from_numpy(codes).long()
         wav = g.decoder.push(x)
         g.wav.append(wav.float().cpu())             # waits for this stream only, off the GIL
         g.pushed = stop

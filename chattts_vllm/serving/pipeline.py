@@ -66,11 +66,16 @@ def frames_input(codes: np.ndarray, hidden: np.ndarray, use_decoder: bool = True
     return torch.from_numpy(hidden if use_decoder else codes.astype(np.int64))
 
 
+def _decode_on_device(models: AudioModels, x: torch.Tensor, use_decoder: bool,
+                      non_blocking: bool = False) -> torch.Tensor:
+    """(B, T, ...) equal-length utterances -> (B, 512·T − 256) float32 samples on the models' device."""
+    x = x.to(models.vocos.head.out.weight.device, non_blocking=non_blocking)
+    return models.vocos.decode_frames(mel_model(models, use_decoder).decode_frames(x)).float()
+
+
 def _decode_rows(models: AudioModels, x: torch.Tensor, use_decoder: bool) -> np.ndarray:
-    """(B, T, ...) equal-length utterances -> (B, 512·T − 256) float32 samples."""
-    x = x.to(models.vocos.head.out.weight.device)
-    wav = models.vocos.decode_frames(mel_model(models, use_decoder).decode_frames(x))
-    return wav.float().cpu().numpy()
+    """(B, T, ...) equal-length utterances -> (B, 512·T − 256) float32 samples in host memory."""
+    return _decode_on_device(models, x, use_decoder).cpu().numpy()
 
 
 @torch.inference_mode()
@@ -113,9 +118,7 @@ def _decode_chunks_pipelined(models: AudioModels, frames: list[tuple[np.ndarray,
     """`decode_utterances` on a GPU: each chunk stacked into a pinned buffer, copied in and its
     audio copied back asynchronously, two buffers each way, so the host copies chunk n-1's audio
     into the result arrays while the GPU decodes chunk n (serving/staging.py says why)."""
-    device = next(models.vocos.parameters()).device
     stage = thread_staging()
-    mel = mel_model(models, use_decoder)
     pending: tuple[list[int], torch.Tensor, torch.cuda.Event] | None = None
     for n, chunk in enumerate(chunks):
         slot = n % 2
@@ -124,7 +127,7 @@ def _decode_chunks_pipelined(models: AudioModels, frames: list[tuple[np.ndarray,
         # was waited for below: both of its buffers are free.
         x_host = stage.buffer(f"in{slot}", (len(xs), *xs[0].shape), xs[0].dtype)
         torch.stack(xs, out=x_host)
-        wav = models.vocos.decode_frames(mel.decode_frames(x_host.to(device, non_blocking=True))).float()
+        wav = _decode_on_device(models, x_host, use_decoder, non_blocking=True)
         wav_host = stage.buffer(f"out{slot}", tuple(wav.shape), torch.float32)
         wav_host.copy_(wav, non_blocking=True)
         done = torch.cuda.Event()

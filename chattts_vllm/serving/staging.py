@@ -10,6 +10,7 @@ while the GPU decodes the next) turns that sum into roughly its largest part. Pi
 """
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -24,9 +25,7 @@ class PinnedStaging:
         self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = math.prod(shape)
         buf = self._bufs.get((name, dtype))
         if buf is None or buf.numel() < numel:
             buf = torch.empty(numel, dtype=dtype, pin_memory=True)
