@@ -5,8 +5,8 @@ end to end (GPT, then Decoder + Vocos on the same GPU, audio copied to host memo
 on a same-shape Llama (20 layers, hidden 768, vocab 626, one head) as the ceiling, all in the same
 run. Both engines get the same tuning: CUDA graphs up to the largest batch (at least 512),
 `max_num_batched_tokens` 65,536, `gpu_memory_utilization` 0.85. Each engine runs in its own
-subprocess (engine core in-process: VLLM_ENABLE_V1_MULTIPROCESSING=0 unless set; the JSON's
-`engine_core` says which) so that GPU memory is returned between them.
+subprocess (engine core in-process unless `--core own`; the JSON's `engine_core` says which) so
+that GPU memory is returned between them.
 
     python benchmarks/bench_throughput.py [--batches 1 64 256 512 1024] [--frames 470]
 
@@ -22,7 +22,10 @@ end-to-end row of either section.
 Levers: `--kv-cache-dtype fp8` (both ChatTTS and stock; sweep rows then go to `variants`), `--mps`
 (run the engines under an NVIDIA MPS daemon started and stopped by this script), `--pin-cores`
 (engine k on the k-th slice of the cores: the 2-engine GPT times of 2026-11-29 were up to 40 %
-apart within a round), `--decode`: `after`
+apart within a round), `--core own` (each engine's core in its own process, vLLM's default, so the
+core's step loop does not also turn outputs into results; `inproc`, the default here, keeps the
+numbers comparable with earlier rows), `--repeats N` (every round N times on the same engines; the
+JSON's `summary` gives each configuration's median and best), `--decode`: `after`
 (the Decoder + Vocos pass once the GPT is done, as `decode_utterances`), `overlap` (decoded while
 the GPT generates, serving/overlap.py, as `ChatTTS.synthesize(overlap_decode=True)` does) or `both` (each round
 runs twice; overlap rows carry `decode: "overlap"`, and sweep rows `e2e_overlap_audio_s_per_s`).
@@ -38,6 +41,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -219,6 +223,8 @@ def child_engine(args) -> None:
         tmp.write_text(json.dumps(out))
         tmp.rename(sync / f"done-{r}-{k}")
     sys.stdout.flush()
+    if not in_process(os.environ):
+        tts.close()                      # its engine-core process would outlive os._exit
     os._exit(0)                          # skip the engine's teardown: the parent only needs the files
 
 
@@ -315,8 +321,9 @@ def sweep_kwargs(args, max_batch: int, cuda: bool) -> dict:
 
 def engine_sets(args, model: Path, cuda: bool, total_gib: float) -> list[dict]:
     """Process sets for the multi-engine rounds: one set for all rounds if it fits in memory."""
-    rounds = [dict(engines=n, batch=b, shares=shares_of(b, n), decode=m)
-              for b in args.batches for n in args.engines for m in decode_modes(args)]
+    rounds = [dict(engines=n, batch=b, shares=shares_of(b, n), decode=m, repeat=i)
+              for i in range(args.repeats) for b in args.batches for n in args.engines
+              for m in decode_modes(args)]
     per_seq = math.ceil((max_prompt_len(model, max(args.batches)) + args.frames + 1) / BLOCK) * BLOCK
     per_tok = kv_bytes_per_token(model, args.kv_cache_dtype, args.dtype)
 
@@ -359,11 +366,15 @@ def decode_modes(args) -> list[str]:
     return ["after", "overlap"] if args.decode == "both" else [args.decode]
 
 
-def child_env(cuda: bool, frame_dir: str | None) -> dict:
+def in_process(env) -> bool:
+    return env.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1").strip().lower() in ("0", "false")
+
+
+def child_env(cuda: bool, frame_dir: str | None, core: str) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # Engine core in-process: the spawned one hangs on the GPU machine, and the children end with
-    # os._exit, which must not leave an engine-core process behind.
-    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # `--core own` is vLLM's default: the engine core steps in its own process while this one
+    # turns its outputs into results (each with its own GIL); `inproc` does both in one loop.
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if core == "inproc" else "1"
     if not cuda:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if frame_dir:
@@ -423,8 +434,11 @@ def run_engine_set(args, model: Path, eset: dict, work: Path, env: dict, deadlin
                        engine_start_s=[round(x["start_s"], 1) for x in ready],
                        kv_cache_dtype=args.kv_cache_dtype, mps=args.mps,
                        **({"pin_cores": True} if args.pin_cores else {}))
+            if args.repeats > 1:
+                row["repeat"] = rnd["repeat"]
             rows.append(row)
-            log(f"round engines={row['engines']} batch={row['batch']} decode={row['decode']}: "
+            log(f"round engines={row['engines']} batch={row['batch']} decode={row['decode']} "
+                f"repeat={rnd.get('repeat', 0)}: "
                 f"gpt {row['gpt_audio_s_per_s']:.1f}, "
                 f"e2e {row['e2e_audio_s_per_s']:.1f} audio-s/s (gpt {gpt_wall:.2f} s, e2e {e2e_wall:.2f} s)")
     except (RuntimeError, TimeoutError) as e:
@@ -462,6 +476,28 @@ def run_stock(args, work: Path, env: dict, cuda: bool, deadline: float) -> dict[
 def merge(old: list[dict], new: list[dict], key) -> list[dict]:
     keys = {key(r) for r in new}
     return sorted([r for r in old if key(r) not in keys] + new, key=key)
+
+
+def config_key(r: dict) -> tuple:
+    return (r["engines"], r["batch"], r.get("kv_cache_dtype", "auto"), bool(r.get("mps")),
+            r.get("decode", "after"), bool(r.get("pin_cores")))
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Each engines configuration's rounds: how many, median and best GPT and end to end. The
+    spread between repeats (1,069-1,428 e2e for one configuration on 2026-11-29) is why one round
+    alone says little."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(config_key(r), []).append(r)
+    out = []
+    for key, rs in sorted(groups.items()):
+        g = sorted(r["gpt_audio_s_per_s"] for r in rs)
+        e = sorted(r["e2e_audio_s_per_s"] for r in rs)
+        out.append(dict(zip(("engines", "batch", "kv_cache_dtype", "mps", "decode", "pin_cores"), key),
+                        rounds=len(rs), gpt_median=statistics.median(g), gpt_best=g[-1],
+                        e2e_median=statistics.median(e), e2e_worst=e[0], e2e_best=e[-1]))
+    return out
 
 
 def best_config(data: dict) -> dict | None:
@@ -540,7 +576,15 @@ def print_tables(data: dict) -> None:
             print(f"{r['engines']:>7} {r['batch']:>6} {r.get('kv_cache_dtype', 'auto'):>5} "
                   f"{'y' if r.get('mps') else 'n':>4} {r.get('decode', 'after'):>8} {r['gpt_audio_s_per_s']:>10.1f} "
                   f"{r['e2e_audio_s_per_s']:>10.1f} {r['gpt_s']:>7.2f} {r['e2e_s']:>7.2f}"
-                  f"{'  pinned cores' if r.get('pin_cores') else ''}")
+                  f"{'  pinned cores' if r.get('pin_cores') else ''}"
+                  f"{'  repeat ' + str(r['repeat']) if 'repeat' in r else ''}")
+    if any(s["rounds"] > 1 for s in data.get("summary", [])):
+        print(f"\n{'engines':>7} {'batch':>6} {'decode':>8} {'rounds':>6} {'gpt med':>8} {'e2e med':>8} "
+              f"{'e2e min':>8} {'e2e max':>8}")
+        for s in data["summary"]:
+            print(f"{s['engines']:>7} {s['batch']:>6} {s['decode']:>8} {s['rounds']:>6} {s['gpt_median']:>8.1f} "
+                  f"{s['e2e_median']:>8.1f} {s['e2e_worst']:>8.1f} {s['e2e_best']:>8.1f}"
+                  f"{'  pinned cores' if s['pin_cores'] else ''}")
     b = data.get("best_config")
     if b:
         print(f"\nbest: {b['engines']} engine(s), batch {b['batch']}, kv {b.get('kv_cache_dtype', 'auto')}, "
@@ -584,6 +628,12 @@ def main() -> None:
                    help="engine k runs on the k-th slice of the cores (sched_setaffinity)")
     p.add_argument("--profile-decode", action="store_true",
                    help="each engine's decode under torch.profiler (its top ops go into the JSON rows)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="--engines: run every round this many times (engines started once); "
+                        "rows carry `repeat`, and `summary` has each configuration's median and best")
+    p.add_argument("--core", choices=["inproc", "own"], default=None,
+                   help="engine core in each engine's process (VLLM_ENABLE_V1_MULTIPROCESSING=0) or "
+                        "in its own (vLLM's default); default: the environment's setting, else inproc")
     p.add_argument("--time-limit", type=float, default=510,
                    help="seconds; rounds not finished by then are dropped and the results written")
     p.add_argument("--smoke", action="store_true", help="tiny CPU-sized run: 2 layers, 16 frames, float32")
@@ -601,6 +651,9 @@ def main() -> None:
     if args.child == "stock":
         return child_stock(args)
 
+    if args.core is None:
+        args.core = "own" if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") and \
+            not in_process(os.environ) else "inproc"
     t_begin = time.time()
     deadline = t_begin + args.time_limit
     card, total_gib = gpu_info()
@@ -625,7 +678,7 @@ def main() -> None:
         if shm.is_dir() and shutil.disk_usage(shm).free < need:
             frame_dir = str(work / "frames")
             log(f"/dev/shm has less than {need / 2**30:.1f} GiB free: frames go to {frame_dir}")
-        env = child_env(cuda, frame_dir)
+        env = child_env(cuda, frame_dir, args.core)
         mps = MPS(work, env) if args.mps else None
         env = mps.env if mps else env
         try:
@@ -656,7 +709,7 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"throughput-{card}-{date}{'-' + args.tag if args.tag else ''}.json"
     data = json.loads(path.read_text()) if path.exists() else {}
-    core = "in-process" if env.get("VLLM_ENABLE_V1_MULTIPROCESSING") in ("0", "false") else "own process"
+    core = "in-process" if in_process(env) else "own process"
     data.update(card=card, date=date, vllm=vllm.__version__, frames=args.frames,
                 num_layers=args.num_layers, dtype=args.dtype, engine_core=core)
     rows = []
@@ -682,7 +735,8 @@ def main() -> None:
         data["engines"] = merge(data.get("engines", []), eng_rows,
                                 key=lambda r: (r.get("kv_cache_dtype", "auto"), bool(r.get("mps")),
                                                r["batch"], r["engines"], r.get("decode", "after"),
-                                               bool(r.get("pin_cores"))))
+                                               bool(r.get("pin_cores")), r.get("repeat", 0)))
+        data["summary"] = summarize(data["engines"])
     data["best_config"] = best_config(data)
     data["notes"] = ("audio-s/s = frames / 46.875 / wall s; e2e = GPT, then Decoder + Vocos (bf16, Triton, "
                      "warmed up for every shape), audio copied to host; engines rows: N engine processes "

@@ -56,6 +56,11 @@ class ChatTTS:
         self.llm = LLM(model=str(self.model_dir), **args)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
+    def close(self) -> None:
+        """Stop the engine core. Where it runs in its own process (vLLM's default), a caller that
+        leaves through `os._exit` would otherwise leave that process behind, holding its GPU memory."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def voice(self, voice):
         """A named voice, `seed:N`, a speaker string or `{"id": ...}` -> raw speaker vector."""
         return resolve_voice(voice, self.speaker_stats)

@@ -40,6 +40,9 @@
 #                                       #   (BENCH_EXTRA="--decode after" skips the overlap rounds)
 #   bash scripts/gpu-plan.sh pinning    # one card: 2 and 3 engines under MPS, decode after, each  (~8 min)
 #                                       #   engine on its own cores, then not (same call)
+#   bash scripts/gpu-plan.sh cores [S1 S2] # one card: 2 engines under MPS, batch 512 / 1024,   (~9 min)
+#                                       #   each round twice, engine core in-process then in its own
+#   bash scripts/gpu-plan.sh warm       # pinned-decode GPU test, then a tiny engine run (JIT) (~3 min)
 #   bash scripts/gpu-plan.sh tests1     # one card: GPU tests of the newest serving / sink code  (~6 min)
 #   bash scripts/gpu-plan.sh measure    # card 0: throughput + stock, then the ChatTTS host   (~9 min)
 #                                       #         profile (per step vs per batch)
@@ -273,6 +276,28 @@ case "${1:-}" in
       echo "rc $?" >> "$W/engines-pin-$tag.log"; gpu_free
     done
     grep -h "round\|rc \|stopped" $W/engines-pin*.log ;;
+  cores)
+    # One card: 2 engines under MPS, batch 512 and 1024 split, every round twice, with the engine
+    # core in each engine's process (every throughput row until 2026-11-29, decode after the GPT),
+    # then in its own process (vLLM's default; the in-process overlap lost to the GIL, so the own
+    # set measures both decodes). S1 / S2 s limits; ENGINES, BATCHES, REPEATS from the caller.
+    for core in inproc own; do
+      lim=$([ $core = inproc ] && echo ${2:-250} || echo ${3:-320})
+      dec=$([ $core = inproc ] && echo after || echo both)
+      card0 timeout $((lim + 10)) $py benchmarks/bench_throughput.py --engines ${ENGINES:-2} \
+          --batches ${BATCHES:-512 1024} --skip-stock --mps --decode $dec --core $core \
+          --repeats ${REPEATS:-2} --time-limit $lim --tag "mps-$core" ${BENCH_EXTRA:-} > $W/engines-$core.log 2>&1
+      echo "rc $?" >> $W/engines-$core.log; gpu_free
+    done
+    for core in inproc own; do echo "== core $core"; grep -h "round\|rc \|stopped" $W/engines-$core.log
+      grep -A8 "gpt med" $W/engines-$core.log; done ;;
+  warm)
+    # The pinned decode's parity on the GPU, then one tiny engine run: the first engine start on a
+    # fresh machine (FlashInfer JIT, torch.compile) must not eat a measuring call's limit.
+    timeout 150 $py -m pytest -q -m gpu tests/audio/test_audio_coalesce.py -k pipelined 2>&1 | tail -1
+    card0 timeout 300 $py benchmarks/bench_throughput.py --engines 1 --batches 8 --frames 48 --skip-stock \
+        --decode after --time-limit 290 --tag warm > $W/warm.log 2>&1; echo "warm rc $?"
+    grep -h "round\|stopped" $W/warm.log ;;
   tests1)
     # One card: what changed since the last GPU tests (native sink failure path, early submit,
     # delta outputs, decode_utterances), then MRv2 parity.
@@ -288,7 +313,7 @@ case "${1:-}" in
     grep -h "^== \|^-- thread\|^   [a-z]" $W/profile*.log | head -60 ;;
   ray)
     RAY_TIMEOUT=420 OUT=$W bash scripts/gpu-check.sh ray | tail -8 ;;
-  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile|fronts|fronts-mps|mpsfront|thru1|mpsengines|pinning|tests1"; exit 2 ;;
+  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile|fronts|fronts-mps|mpsfront|thru1|mpsengines|pinning|cores|warm|tests1"; exit 2 ;;
 esac
 find benchmarks/results -maxdepth 1 -newer "$stamp" \( -name '*.json' -o -name '*.png' \) -exec cp -f {} $W/ \;
 rm -f "$stamp"

@@ -57,3 +57,21 @@ def test_core_slices_cover_the_cores_once():
         assert sorted(c for p in parts for c in p) == cores
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
     assert bench.core_slice([0, 1], 2, 3) == [0, 1]          # fewer cores than engines: share all
+
+
+def test_summary_gives_each_configuration_its_median_and_extremes():
+    bench = _bench()
+    rows = [dict(engines=2, batch=512, mps=True, decode="after", repeat=i, gpt_audio_s_per_s=g,
+                 e2e_audio_s_per_s=e) for i, (g, e) in enumerate([(1500, 1400), (1200, 1100), (1300, 1250)])]
+    rows.append(dict(engines=2, batch=1024, mps=True, decode="after", gpt_audio_s_per_s=1600,
+                     e2e_audio_s_per_s=1550))
+    (s512,), (s1024,) = ([s for s in bench.summarize(rows) if s["batch"] == b] for b in (512, 1024))
+    assert (s512["rounds"], s512["e2e_median"], s512["e2e_worst"], s512["e2e_best"]) == (3, 1250, 1100, 1400)
+    assert (s512["gpt_median"], s512["gpt_best"]) == (1300, 1500)
+    assert (s1024["rounds"], s1024["e2e_median"]) == (1, 1550)
+
+
+def test_core_choice_sets_the_children_environment():
+    bench = _bench()
+    assert bench.in_process(bench.child_env(False, None, "inproc"))
+    assert not bench.in_process(bench.child_env(False, None, "own"))
