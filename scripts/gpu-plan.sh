@@ -271,11 +271,12 @@ case "${1:-}" in
     # 1,166-1,575 across calls; each engine on its own slice of the cores, then floating.
     for pin in --pin-cores ""; do
       tag=$([ -n "$pin" ] && echo pinned || echo floating)
-      card0 timeout 280 $py benchmarks/bench_throughput.py --engines 2 3 --batches 512 --skip-stock --mps \
-          --decode after $pin --time-limit 270 --tag "mps-$tag" > "$W/engines-pin-$tag.log" 2>&1
+      card0 timeout $((${2:-270} + 10)) $py benchmarks/bench_throughput.py --engines ${ENGINES:-2 3} \
+          --batches ${BATCHES:-512} --repeats ${REPEATS:-1} --skip-stock --mps --decode after $pin \
+          --time-limit ${2:-270} --tag "mps-$tag" > "$W/engines-pin-$tag.log" 2>&1
       echo "rc $?" >> "$W/engines-pin-$tag.log"; gpu_free
     done
-    grep -h "round\|rc \|stopped" $W/engines-pin*.log ;;
+    grep -h "round\|rc \|stopped" $W/engines-pin*.log; grep -h -A6 "gpt med" $W/engines-pin*.log ;;
   cores)
     # One card: 2 engines under MPS, batch 512 and 1024 split, every round twice, with the engine
     # core in each engine's process (every throughput row until 2026-11-29, decode after the GPT),
