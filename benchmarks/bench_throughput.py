@@ -50,6 +50,8 @@ from pathlib import Path
 
 import bench_common
 
+from chattts_vllm.serving.cores import core_slice, pin_process
+
 FPS = 46.875
 SAMPLE_RATE = 24000
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -140,21 +142,13 @@ def profiled(fn, cuda: bool, top: int = 12):
     return result, dict(by_cpu=rows("self_cpu_time_total"), by_device=rows("self_device_time_total"))
 
 
-def core_slice(cores: list[int], k: int, n: int) -> list[int]:
-    """Engine k's share of `cores` among n engines (all of them if there are fewer cores)."""
-    if len(cores) < n:
-        return cores
-    return cores[k * len(cores) // n:(k + 1) * len(cores) // n]
-
-
 def child_engine(args) -> None:
     """One ChatTTS engine: start, warm up, then one timed share per round, each after the barrier."""
     plan = json.loads(Path(args.plan).read_text())
     if plan.get("pin_cores"):
         # Before torch and vLLM start threads (they inherit this): engine k gets the k-th slice of
         # the cores, so N host-bound engine loops and their pools do not migrate onto each other.
-        os.sched_setaffinity(0, core_slice(sorted(os.sched_getaffinity(0)), args.rank,
-                                           len(plan["engine_kwargs"])))
+        pin_process(core_slice(os.sched_getaffinity(0), args.rank, len(plan["engine_kwargs"])))
     import torch
 
     from chattts_vllm.audio.checkpoint import load_audio_models

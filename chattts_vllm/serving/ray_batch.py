@@ -8,8 +8,9 @@ given (`voice`, `seed`, `speed`, `instructions`, `temperature`, `top_p`, `top_k`
 bad line fails before any engine starts. Output: `OUT_DIR/<id>.wav` (24 kHz PCM16) and
 `OUT_DIR/manifest.jsonl` (`id, path, duration, sample_rate, sha256`, one line per id).
 
-Work is spread over Ray actors, one `ChatTTS` engine each (one GPU each, or one CPU slot each on a
-machine without GPUs), in chunks that become one engine batch. Nothing is lost or written twice:
+Work is spread over Ray actors, one `ChatTTS` engine each (one GPU each, or `--engines-per-gpu N`
+per GPU, or one CPU slot each on a machine without GPUs; `--pin-cores` gives each actor its own
+slice of its node's cores), in chunks that become one engine batch. Nothing is lost or written twice:
 - a worker writes each WAV to a temporary file and renames it into place, so a WAV either is
   complete or does not exist;
 - only the driver writes the manifest, one fsynced line per finished id, after the WAV is in place;
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chattts_vllm.cli import command
+from chattts_vllm.serving.cores import CoreSlot
 
 MANIFEST = "manifest.jsonl"
 SAMPLE_RATE = 24000
@@ -183,7 +185,10 @@ def remove_stale_temps(out_dir: Path) -> None:
 class SynthesisWorker:
     """One `ChatTTS` engine; turns a chunk of items into WAV files and manifest entries."""
 
-    def __init__(self, model_dir: str, out_dir: str, engine_kwargs: dict):
+    def __init__(self, model_dir: str, out_dir: str, engine_kwargs: dict,
+                 pin_per_actor: dict[str, float] | None = None):
+        # Before the engine starts its threads and its core process, which inherit the slice.
+        self._core_slot, self.cores = pin_to_node_slot(pin_per_actor) if pin_per_actor else (None, None)
         from chattts_vllm import register
         from chattts_vllm.synthesize import ChatTTS
 
@@ -193,6 +198,9 @@ class SynthesisWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def affinity(self) -> list[int]:
+        return sorted(os.sched_getaffinity(0))
 
     def run(self, items: list[BatchItem]) -> list[dict]:
         """One result per item: a manifest entry, or `{"id", "error"}` for an item that failed.
@@ -260,29 +268,58 @@ def actor_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
 
 
-def default_actor_options(cpus_per_actor: float = 1.0) -> dict:
-    """One GPU per actor where the cluster has GPUs, else `cpus_per_actor` CPUs."""
+def default_actor_options(cpus_per_actor: float = 1.0, engines_per_gpu: int = 1) -> dict:
+    """1 / `engines_per_gpu` of a GPU per actor where the cluster has GPUs, else `cpus_per_actor` CPUs."""
     import ray
 
     if ray.cluster_resources().get("GPU", 0) >= 1:
-        return {"num_gpus": 1, "num_cpus": 1}
+        return {"num_gpus": 1 / engines_per_gpu, "num_cpus": 1}
     return {"num_cpus": cpus_per_actor}
+
+
+def per_actor(options: dict) -> dict[str, float]:
+    """The resource that bounds how many actors fit: GPU share where one is asked for, else CPUs."""
+    if options.get("num_gpus"):
+        return {"GPU": options["num_gpus"]}
+    return {"CPU": max(options.get("num_cpus", 1), 1e-3)}
+
+
+def actors_that_fit(resources: dict, need: dict[str, float]) -> int:
+    # 1 / 3 of a GPU three times is 1.0 only up to rounding: 1 // (1 / 3) == 2.0
+    return max(1, min(int(resources.get(k, 0) / v + 1e-6) for k, v in need.items()))
 
 
 def default_num_actors(options: dict) -> int:
     import ray
 
-    res = ray.cluster_resources()
-    if options.get("num_gpus"):
-        return max(1, int(res.get("GPU", 0) // options["num_gpus"]))
-    return max(1, int(res.get("CPU", 1) // max(options.get("num_cpus", 1), 1e-3)))
+    return actors_that_fit(ray.cluster_resources(), per_actor(options))
+
+
+def pin_to_node_slot(need: dict[str, float]) -> tuple[CoreSlot | None, list[int]]:
+    """Pin this actor to its own slice of its node's cores, one slice per actor that fits on the
+    node (serving/cores.py: several host-bound engines on one GPU gain from not sharing cores)."""
+    import ray
+
+    from chattts_vllm.serving.cores import pin_to_slot
+
+    node = ray.get_runtime_context().get_node_id()
+    res = next(n["Resources"] for n in ray.nodes() if n["NodeID"] == node)
+    slot, cores = pin_to_slot(actors_that_fit(res, need))
+    if slot is None:
+        print(f"chattts-vllm batch: every core slot on this node is taken; actor {os.getpid()} "
+              f"is not pinned", file=sys.stderr)
+    else:
+        import torch
+
+        torch.set_num_threads(len(cores))       # the decode's CPU side: its own cores only
+    return slot, cores                          # the caller holds the slot for its life
 
 
 class _Pool:
     """Actor slots; a dead actor is replaced by a fresh one in the same slot (named `prefix-slot.gen`)."""
 
     def __init__(self, n: int, model_dir: str, out_dir: Path, engine_kwargs: dict, options: dict,
-                 name_prefix: str):
+                 name_prefix: str, pin_cores: bool = False):
         import ray
 
         opts = dict(options)
@@ -290,12 +327,13 @@ class _Pool:
         opts["runtime_env"] = {**opts.get("runtime_env", {}), "env_vars": env}
         self._cls, self._opts = ray.remote(SynthesisWorker), opts
         self._args = (model_dir, str(out_dir), engine_kwargs)
+        self._kwargs = {"pin_per_actor": per_actor(options)} if pin_cores else {}
         self.prefix, self.generation = name_prefix, [0] * n
         self.actors = [self._start(i) for i in range(n)]
 
     def _start(self, slot: int):
         name = f"{self.prefix}-{slot}.{self.generation[slot]}"
-        return self._cls.options(**self._opts, name=name).remote(*self._args)
+        return self._cls.options(**self._opts, name=name).remote(*self._args, **self._kwargs)
 
     def restart(self, slot: int) -> None:
         import ray
@@ -315,11 +353,14 @@ def run_batch(items: list[BatchItem], out_dir: str | os.PathLike, model_dir: str
               engine_kwargs: dict | None = None, num_actors: int | None = None,
               actor_options: dict | None = None, chunk_size: int = 16, max_attempts: int = 3,
               cpus_per_actor: float = 1.0, max_restarts: int | None = None, progress: bool = True,
-              address: str | None = None, name_prefix: str | None = None) -> BatchReport:
+              address: str | None = None, name_prefix: str | None = None,
+              engines_per_gpu: int = 1, pin_cores: bool = False) -> BatchReport:
     """Synthesise every item not yet in the manifest on Ray actors.
 
     Joins the Ray cluster at `address` (or the one already initialised; None: a local one) only
-    when there is work left.
+    when there is work left. `engines_per_gpu` > 1 puts that many engines on each GPU, each with
+    that share of its memory unless `engine_kwargs` sets `gpu_memory_utilization`; `pin_cores`
+    gives each actor its own slice of its node's cores.
     """
     import ray
     from tqdm import tqdm
@@ -337,12 +378,13 @@ def run_batch(items: list[BatchItem], out_dir: str | os.PathLike, model_dir: str
         return report
     if not ray.is_initialized():
         ray.init(address=address)
-    options = actor_options or default_actor_options(cpus_per_actor)
+    options = actor_options or default_actor_options(cpus_per_actor, engines_per_gpu)
+    engine_kwargs = engine_kwargs_for(engine_kwargs or {}, options)
     n = min(num_actors or default_num_actors(options), -(-len(todo) // chunk_size))
     max_restarts = 3 * n if max_restarts is None else max_restarts
     queue = deque(todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size))
-    pool = _Pool(n, str(Path(model_dir).resolve()), out, engine_kwargs or {}, options,
-                 name_prefix or f"chattts-batch-{uuid.uuid4().hex[:8]}")
+    pool = _Pool(n, str(Path(model_dir).resolve()), out, engine_kwargs, options,
+                 name_prefix or f"chattts-batch-{uuid.uuid4().hex[:8]}", pin_cores=pin_cores)
     inflight: dict = {}                       # ObjectRef -> (slot, chunk)
     bar = tqdm(total=len(items), initial=report.skipped, unit="utt", disable=not progress,
                dynamic_ncols=True)
@@ -380,6 +422,15 @@ def run_batch(items: list[BatchItem], out_dir: str | os.PathLike, model_dir: str
     return report
 
 
+def engine_kwargs_for(engine_kwargs: dict, options: dict) -> dict:
+    """An engine on a fraction of a GPU asks vLLM for that fraction of its memory (vLLM's
+    `gpu_memory_utilization` is per engine, 0.9 by default: a second engine would not start)."""
+    share = options.get("num_gpus", 0)
+    if 0 < share < 1 and "gpu_memory_utilization" not in engine_kwargs:
+        return {**engine_kwargs, "gpu_memory_utilization": round(0.9 * share, 3)}
+    return dict(engine_kwargs)
+
+
 def requeue_failed(queue: deque, chunk: list[BatchItem], max_attempts: int, report: BatchReport,
                    cause: Exception) -> None:
     """A dead actor's chunk goes back to the front, one item per chunk after the first death, so an
@@ -403,6 +454,11 @@ def _batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-actors", type=int, default=None,
                    help="engines (default: one per GPU, else one per --cpus-per-actor CPUs)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPU-only clusters")
+    p.add_argument("--engines-per-gpu", type=int, default=1,
+                   help="engines sharing each GPU (host-bound engines: 3 per H200 gave the most "
+                        "audio-s/s; run them under MPS); each gets that share of the GPU's memory")
+    p.add_argument("--pin-cores", action="store_true",
+                   help="each actor on its own slice of its node's CPU cores")
     p.add_argument("--chunk-size", type=int, default=16, help="items per engine call")
     p.add_argument("--max-attempts", type=int, default=3,
                    help="give an item up after its actor died this many times")
@@ -420,7 +476,8 @@ def _batch(args: argparse.Namespace) -> int:
     report = run_batch(items, args.out_dir, model, engine_kwargs=args.engine_kwargs,
                        num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor,
                        chunk_size=args.chunk_size, max_attempts=args.max_attempts,
-                       progress=not args.no_progress, address=args.address)
+                       progress=not args.no_progress, address=args.address,
+                       engines_per_gpu=args.engines_per_gpu, pin_cores=args.pin_cores)
     for item_id, err in report.failed.items():
         print(f"failed: {item_id}: {err}", file=sys.stderr)
     print(f"{report.written} written, {report.skipped} already done, {len(report.failed)} failed, "

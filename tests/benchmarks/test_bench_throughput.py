@@ -49,16 +49,6 @@ def test_the_old_setting_left_170_without_a_graph():
     assert max(vllm_capture_sizes(170, 170)) == 168
 
 
-def test_core_slices_cover_the_cores_once():
-    bench = _bench()
-    cores = list(range(16))
-    for n in (1, 2, 3, 4, 6):
-        parts = [bench.core_slice(cores, k, n) for k in range(n)]
-        assert sorted(c for p in parts for c in p) == cores
-        assert max(map(len, parts)) - min(map(len, parts)) <= 1
-    assert bench.core_slice([0, 1], 2, 3) == [0, 1]          # fewer cores than engines: share all
-
-
 def test_summary_gives_each_configuration_its_median_and_extremes():
     bench = _bench()
     rows = [dict(engines=2, batch=512, mps=True, decode="after", repeat=i, gpt_audio_s_per_s=g,

@@ -69,3 +69,52 @@ def test_driver_requeues_restarts_and_gives_up(ray_cluster, tmp_path, monkeypatc
     again = run_batch(items, tmp_path, tmp_path, num_actors=2, actor_options={"num_cpus": 0},
                       chunk_size=3, max_attempts=2, progress=False)
     assert (again.skipped, again.written, set(again.failed)) == (10, 0, {"poison", "bad"})
+
+
+def _pinned_fake_worker():
+    class PinnedFake(SynthesisWorker):
+        """Pins itself as the real worker does, then writes each item's WAV and its actor's cores."""
+
+        def __init__(self, model_dir: str, out_dir: str, engine_kwargs: dict, pin_per_actor=None):
+            from pathlib import Path
+
+            from chattts_vllm.serving.ray_batch import pin_to_node_slot
+
+            self._core_slot, self.cores = pin_to_node_slot(pin_per_actor)
+            self.out_dir = Path(out_dir)
+
+        def _synthesize(self, items, controls, seed):
+            import hashlib
+
+            from chattts_vllm.audio.formats import encode_audio
+
+            out = []
+            for it in items:
+                data = encode_audio(np.full(480, 0.1, np.float32), "wav")
+                ray_batch.write_atomic(self.out_dir / ray_batch.wav_name(it.id), data)
+                (self.out_dir / f"cores-{it.id}.json").write_text(json.dumps([os.getpid(), self.cores]))
+                out.append({"id": it.id, "path": ray_batch.wav_name(it.id), "duration": 0.02,
+                            "sample_rate": 24000, "sha256": hashlib.sha256(data).hexdigest()})
+            return out
+
+    return PinnedFake
+
+
+def test_pinned_actors_get_disjoint_slices_of_the_cores(ray_cluster, tmp_path, monkeypatch):
+    """Two 1-CPU actors on the 2-CPU cluster: each pinned to its own half of the host's cores."""
+    monkeypatch.setattr(ray_batch, "SynthesisWorker", _pinned_fake_worker())
+    items = [parse_item(json.dumps({"id": f"u{i}", "text": "Hi."}), i) for i in range(8)]
+    report = run_batch(items, tmp_path, tmp_path, num_actors=2, actor_options={"num_cpus": 1},
+                       chunk_size=2, progress=False, pin_cores=True)
+    assert report.written == 8
+    by_pid = {}
+    for f in tmp_path.glob("cores-*.json"):
+        pid, cores = json.loads(f.read_text())
+        by_pid[pid] = cores
+    assert len(by_pid) == 2, by_pid                        # both actors worked
+    a, b = by_pid.values()
+    host = sorted(os.sched_getaffinity(0))
+    if len(host) >= 2:
+        assert not set(a) & set(b) and sorted(a + b) == host
+    else:
+        assert list(a) == list(b) == host                  # one core: nothing to split

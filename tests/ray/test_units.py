@@ -79,6 +79,29 @@ def test_batch_command_is_registered():
     assert (args.command, args.num_actors, args.engine_kwargs) == ("batch", 2, {"max_model_len": 2048})
 
 
+def test_several_engines_per_gpu_fit_and_split_its_memory():
+    from chattts_vllm.serving.ray_batch import actors_that_fit, engine_kwargs_for, per_actor
+
+    third = {"num_gpus": 1 / 3, "num_cpus": 1}
+    assert per_actor(third) == {"GPU": 1 / 3} and per_actor({"num_cpus": 2}) == {"CPU": 2}
+    assert actors_that_fit({"GPU": 1.0, "CPU": 16}, per_actor(third)) == 3    # not 1 // (1/3) == 2
+    assert actors_that_fit({"GPU": 2.0}, per_actor(third)) == 6
+    assert actors_that_fit({"CPU": 2.0}, per_actor({"num_cpus": 1})) == 2
+    assert engine_kwargs_for({"max_model_len": 2048}, third) == {"max_model_len": 2048,
+                                                                 "gpu_memory_utilization": 0.3}
+    assert engine_kwargs_for({"gpu_memory_utilization": 0.25}, third) == {"gpu_memory_utilization": 0.25}
+    assert engine_kwargs_for({}, {"num_gpus": 1}) == {} and engine_kwargs_for({}, {"num_cpus": 1}) == {}
+
+
+def test_batch_command_takes_engines_per_gpu_and_pinning():
+    from chattts_vllm.cli import build_parser
+
+    args = build_parser().parse_args(["batch", "j.jsonl", "out", "--model", "m", "--engines-per-gpu", "3",
+                                      "--pin-cores"])
+    assert (args.engines_per_gpu, args.pin_cores) == (3, True)
+    assert build_parser().parse_args(["batch", "j", "o", "--model", "m"]).pin_cores is False
+
+
 # -- Serve deployment options ---------------------------------------------------------------------
 
 def _opts(**args):
