@@ -72,30 +72,19 @@ def test_driver_requeues_restarts_and_gives_up(ray_cluster, tmp_path, monkeypatc
 
 
 def _pinned_fake_worker():
-    class PinnedFake(SynthesisWorker):
-        """Pins itself as the real worker does, then writes each item's WAV and its actor's cores."""
+    class PinnedFake(_fake_worker()):
+        """Pins itself as the real worker does; each item also records its actor's cores."""
 
         def __init__(self, model_dir: str, out_dir: str, engine_kwargs: dict, pin_per_actor=None):
-            from pathlib import Path
-
             from chattts_vllm.serving.ray_batch import pin_to_node_slot
 
             self._core_slot, self.cores = pin_to_node_slot(pin_per_actor)
-            self.out_dir = Path(out_dir)
+            super().__init__(model_dir, out_dir, engine_kwargs)
 
         def _synthesize(self, items, controls, seed):
-            import hashlib
-
-            from chattts_vllm.audio.formats import encode_audio
-
-            out = []
             for it in items:
-                data = encode_audio(np.full(480, 0.1, np.float32), "wav")
-                ray_batch.write_atomic(self.out_dir / ray_batch.wav_name(it.id), data)
                 (self.out_dir / f"cores-{it.id}.json").write_text(json.dumps([os.getpid(), self.cores]))
-                out.append({"id": it.id, "path": ray_batch.wav_name(it.id), "duration": 0.02,
-                            "sample_rate": 24000, "sha256": hashlib.sha256(data).hexdigest()})
-            return out
+            return super()._synthesize(items, controls, seed)
 
     return PinnedFake
 
