@@ -329,7 +329,16 @@ class _Pool:
         self._args = (model_dir, str(out_dir), engine_kwargs)
         self._kwargs = {"pin_per_actor": per_actor(options)} if pin_cores else {}
         self.prefix, self.generation = name_prefix, [0] * n
-        self.actors = [self._start(i) for i in range(n)]
+        self.actors = []
+        for i in range(n):
+            self.actors.append(self._start(i))
+            if shares_gpus(options):
+                # vLLM sizes an engine's KV cache from the GPU memory it sees change while it
+                # profiles: engines starting together on one GPU would count each other's.
+                try:
+                    ray.get(self.actors[-1].pid.remote())
+                except ray.exceptions.RayActorError:
+                    pass                      # its first chunk finds it dead and replaces it
 
     def _start(self, slot: int):
         name = f"{self.prefix}-{slot}.{self.generation[slot]}"
@@ -420,6 +429,10 @@ def run_batch(items: list[BatchItem], out_dir: str | os.PathLike, model_dir: str
         pool.shutdown()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def shares_gpus(options: dict) -> bool:
+    return 0 < options.get("num_gpus", 0) < 1
 
 
 def engine_kwargs_for(engine_kwargs: dict, options: dict) -> dict:

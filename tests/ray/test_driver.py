@@ -107,3 +107,31 @@ def test_pinned_actors_get_disjoint_slices_of_the_cores(ray_cluster, tmp_path, m
         assert not set(a) & set(b) and sorted(a + b) == host
     else:
         assert list(a) == list(b) == host                  # one core: nothing to split
+
+
+def _slow_start_worker():
+    class SlowStart(_fake_worker()):
+        """Records when its construction ran: engines sharing a GPU must start one at a time."""
+
+        def __init__(self, model_dir: str, out_dir: str, engine_kwargs: dict):
+            import time
+            from pathlib import Path
+
+            t0 = time.time()
+            time.sleep(1.0)
+            super().__init__(model_dir, out_dir, engine_kwargs)
+            (Path(out_dir) / f"start-{os.getpid()}.json").write_text(json.dumps([t0, time.time()]))
+
+    return SlowStart
+
+
+def test_actors_sharing_a_gpu_start_one_after_another(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.setattr(ray_batch, "SynthesisWorker", _slow_start_worker())
+    assert ray_batch.shares_gpus({"num_gpus": 1 / 3}) and not ray_batch.shares_gpus({"num_gpus": 1})
+    monkeypatch.setattr(ray_batch, "shares_gpus", lambda options: True)   # no GPU here: say so
+    items = [parse_item(json.dumps({"id": f"u{i}", "text": "Hi."}), i) for i in range(6)]
+    report = run_batch(items, tmp_path, tmp_path, num_actors=2, actor_options={"num_cpus": 0},
+                       chunk_size=3, progress=False)
+    assert report.written == 6
+    (a0, a1), (b0, b1) = sorted(json.loads(f.read_text()) for f in tmp_path.glob("start-*.json"))
+    assert b0 >= a1                                    # the second began after the first was up
