@@ -42,6 +42,8 @@
 #                                       #   engine on its own cores, then not (same call)
 #   bash scripts/gpu-plan.sh cores [S1 S2] # one card: 2 engines under MPS, batch 512 / 1024,   (~9 min)
 #                                       #   each round twice, engine core in-process then in its own
+#   bash scripts/gpu-plan.sh best [S]   # one card: 3 engines, MPS, pinned cores, batch 1024, (~6 min)
+#                                       #   4 rounds (the 1,500 e2e configuration)
 #   bash scripts/gpu-plan.sh warm       # pinned-decode GPU test, then a tiny engine run (JIT) (~3 min)
 #   bash scripts/gpu-plan.sh tests1     # one card: GPU tests of the newest serving / sink code  (~6 min)
 #   bash scripts/gpu-plan.sh measure    # card 0: throughput + stock, then the ChatTTS host   (~9 min)
@@ -292,6 +294,14 @@ case "${1:-}" in
     done
     for core in inproc own; do echo "== core $core"; grep -h "round\|rc \|stopped" $W/engines-$core.log
       grep -A8 "gpt med" $W/engines-$core.log; done ;;
+  best)
+    # One card: the configuration that met 1,500 e2e on the H200 (2026-11-29): 3 engines under MPS,
+    # each on its own slice of the cores, batch 1024 split, decode after, 4 rounds (median in the
+    # summary). S s limit (default 330).
+    card0 timeout $((${2:-330} + 10)) $py benchmarks/bench_throughput.py --engines ${ENGINES:-3} \
+        --batches ${BATCHES:-1024} --repeats ${REPEATS:-4} --skip-stock --mps --pin-cores --decode after \
+        --time-limit ${2:-330} --tag mps-best > $W/engines-best.log 2>&1; echo "rc $?" >> $W/engines-best.log
+    grep -h "round\|rc \|stopped" $W/engines-best.log; grep -h -A4 "gpt med" $W/engines-best.log ;;
   warm)
     # The pinned decode's parity on the GPU, then one tiny engine run: the first engine start on a
     # fresh machine (FlashInfer JIT, torch.compile) must not eat a measuring call's limit.
@@ -314,7 +324,7 @@ case "${1:-}" in
     grep -h "^== \|^-- thread\|^   [a-z]" $W/profile*.log | head -60 ;;
   ray)
     RAY_TIMEOUT=420 OUT=$W bash scripts/gpu-check.sh ray | tail -8 ;;
-  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile|fronts|fronts-mps|mpsfront|thru1|mpsengines|pinning|cores|warm|tests1"; exit 2 ;;
+  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile|fronts|fronts-mps|mpsfront|thru1|mpsengines|pinning|cores|best|warm|tests1"; exit 2 ;;
 esac
 find benchmarks/results -maxdepth 1 -newer "$stamp" \( -name '*.json' -o -name '*.png' \) -exec cp -f {} $W/ \;
 rm -f "$stamp"
