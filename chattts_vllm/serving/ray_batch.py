@@ -199,9 +199,6 @@ class SynthesisWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def affinity(self) -> list[int]:
-        return sorted(os.sched_getaffinity(0))
-
     def run(self, items: list[BatchItem]) -> list[dict]:
         """One result per item: a manifest entry, or `{"id", "error"}` for an item that failed.
 
@@ -374,6 +371,8 @@ def run_batch(items: list[BatchItem], out_dir: str | os.PathLike, model_dir: str
     import ray
     from tqdm import tqdm
 
+    if engines_per_gpu < 1:
+        raise ValueError(f"engines_per_gpu must be at least 1, got {engines_per_gpu}")
     t0 = time.perf_counter()
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

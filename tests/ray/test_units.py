@@ -93,6 +93,14 @@ def test_several_engines_per_gpu_fit_and_split_its_memory():
     assert engine_kwargs_for({}, {"num_gpus": 1}) == {} and engine_kwargs_for({}, {"num_cpus": 1}) == {}
 
 
+def test_zero_engines_per_gpu_is_refused_before_any_work(tmp_path):
+    from chattts_vllm.serving.ray_batch import run_batch
+
+    with pytest.raises(ValueError, match="engines_per_gpu"):
+        run_batch([], tmp_path / "out", tmp_path, engines_per_gpu=0)
+    assert not (tmp_path / "out").exists()
+
+
 def test_batch_command_takes_engines_per_gpu_and_pinning():
     from chattts_vllm.cli import build_parser
 
