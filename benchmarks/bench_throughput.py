@@ -257,6 +257,8 @@ def child_stock(args) -> None:
         print(json.dumps(rows[-1]), flush=True)
     Path(args.out).write_text(json.dumps(rows))
     sys.stdout.flush()
+    if not in_process(os.environ):
+        llm.llm_engine.engine_core.shutdown()   # as ChatTTS.close(): the core would outlive os._exit
     os._exit(0)
 
 
