@@ -50,7 +50,7 @@ from pathlib import Path
 
 import bench_common
 
-from chattts_vllm.serving.cores import core_slice, pin_process
+from chattts_vllm.serving.colocate import core_slice, pin_process
 
 FPS = 46.875
 SAMPLE_RATE = 24000

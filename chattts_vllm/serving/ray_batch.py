@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chattts_vllm.cli import command
-from chattts_vllm.serving.cores import CoreSlot
+from chattts_vllm.serving.colocate import CoreSlot, one_start_per_gpu
 
 MANIFEST = "manifest.jsonl"
 SAMPLE_RATE = 24000
@@ -189,12 +189,21 @@ class SynthesisWorker:
                  pin_per_actor: dict[str, float] | None = None):
         # Before the engine starts its threads and its core process, which inherit the slice.
         self._core_slot, self.cores = pin_to_node_slot(pin_per_actor) if pin_per_actor else (None, None)
+        self.out_dir = Path(out_dir)
+        with one_start_per_gpu(self._gpu_ids()):
+            self.tts = self._engine(model_dir, engine_kwargs)
+
+    def _gpu_ids(self) -> list[str]:
+        import ray
+
+        return [str(g) for g in ray.get_gpu_ids()]
+
+    def _engine(self, model_dir: str, engine_kwargs: dict):
         from chattts_vllm import register
         from chattts_vllm.synthesize import ChatTTS
 
         register()
-        self.out_dir = Path(out_dir)
-        self.tts = ChatTTS(model_dir, **engine_kwargs)
+        return ChatTTS(model_dir, **engine_kwargs)
 
     def pid(self) -> int:
         return os.getpid()
@@ -294,10 +303,10 @@ def default_num_actors(options: dict) -> int:
 
 def pin_to_node_slot(need: dict[str, float]) -> tuple[CoreSlot | None, list[int]]:
     """Pin this actor to its own slice of its node's cores, one slice per actor that fits on the
-    node (serving/cores.py: several host-bound engines on one GPU gain from not sharing cores)."""
+    node (serving/colocate.py: several host-bound engines on one GPU gain from not sharing cores)."""
     import ray
 
-    from chattts_vllm.serving.cores import pin_to_slot
+    from chattts_vllm.serving.colocate import pin_to_slot
 
     node = ray.get_runtime_context().get_node_id()
     res = next(n["Resources"] for n in ray.nodes() if n["NodeID"] == node)
@@ -326,16 +335,7 @@ class _Pool:
         self._args = (model_dir, str(out_dir), engine_kwargs)
         self._kwargs = {"pin_per_actor": per_actor(options)} if pin_cores else {}
         self.prefix, self.generation = name_prefix, [0] * n
-        self.actors = []
-        for i in range(n):
-            self.actors.append(self._start(i))
-            if shares_gpus(options):
-                # vLLM sizes an engine's KV cache from the GPU memory it sees change while it
-                # profiles: engines starting together on one GPU would count each other's.
-                try:
-                    ray.get(self.actors[-1].pid.remote())
-                except ray.exceptions.RayActorError:
-                    pass                      # its first chunk finds it dead and replaces it
+        self.actors = [self._start(i) for i in range(n)]
 
     def _start(self, slot: int):
         name = f"{self.prefix}-{slot}.{self.generation[slot]}"
@@ -428,10 +428,6 @@ def run_batch(items: list[BatchItem], out_dir: str | os.PathLike, model_dir: str
         pool.shutdown()
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def shares_gpus(options: dict) -> bool:
-    return 0 < options.get("num_gpus", 0) < 1
 
 
 def engine_kwargs_for(engine_kwargs: dict, options: dict) -> dict:

@@ -16,10 +16,8 @@ def _fake_worker():
     """Defined in a function so Ray ships it by value to its workers."""
 
     class FakeWorker(SynthesisWorker):
-        def __init__(self, model_dir: str, out_dir: str, engine_kwargs: dict):
-            from pathlib import Path
-
-            self.out_dir = Path(out_dir)
+        def _engine(self, model_dir: str, engine_kwargs: dict):
+            return None                                # the worker's own __init__, no engine
 
         def _synthesize(self, items, controls, seed):
             import hashlib
@@ -73,13 +71,7 @@ def test_driver_requeues_restarts_and_gives_up(ray_cluster, tmp_path, monkeypatc
 
 def _pinned_fake_worker():
     class PinnedFake(_fake_worker()):
-        """Pins itself as the real worker does; each item also records its actor's cores."""
-
-        def __init__(self, model_dir: str, out_dir: str, engine_kwargs: dict, pin_per_actor=None):
-            from chattts_vllm.serving.ray_batch import pin_to_node_slot
-
-            self._core_slot, self.cores = pin_to_node_slot(pin_per_actor)
-            super().__init__(model_dir, out_dir, engine_kwargs)
+        """Each item also records the cores its actor was pinned to (by the worker's __init__)."""
 
         def _synthesize(self, items, controls, seed):
             for it in items:
@@ -111,24 +103,24 @@ def test_pinned_actors_get_disjoint_slices_of_the_cores(ray_cluster, tmp_path, m
 
 def _slow_start_worker():
     class SlowStart(_fake_worker()):
-        """Records when its construction ran: engines sharing a GPU must start one at a time."""
+        """Two actors on one (pretended) shared GPU, each engine start taking 3 s."""
 
-        def __init__(self, model_dir: str, out_dir: str, engine_kwargs: dict):
+        def _gpu_ids(self):
+            return ["test-shared"]
+
+        def _engine(self, model_dir: str, engine_kwargs: dict):
             import time
             from pathlib import Path
 
             t0 = time.time()
-            time.sleep(1.0)
-            super().__init__(model_dir, out_dir, engine_kwargs)
-            (Path(out_dir) / f"start-{os.getpid()}.json").write_text(json.dumps([t0, time.time()]))
+            time.sleep(3.0)                            # longer than Ray takes to start a worker
+            (Path(self.out_dir) / f"start-{os.getpid()}.json").write_text(json.dumps([t0, time.time()]))
 
     return SlowStart
 
 
-def test_actors_sharing_a_gpu_start_one_after_another(ray_cluster, tmp_path, monkeypatch):
+def test_engines_on_a_shared_gpu_start_one_after_another(ray_cluster, tmp_path, monkeypatch):
     monkeypatch.setattr(ray_batch, "SynthesisWorker", _slow_start_worker())
-    assert ray_batch.shares_gpus({"num_gpus": 1 / 3}) and not ray_batch.shares_gpus({"num_gpus": 1})
-    monkeypatch.setattr(ray_batch, "shares_gpus", lambda options: True)   # no GPU here: say so
     items = [parse_item(json.dumps({"id": f"u{i}", "text": "Hi."}), i) for i in range(6)]
     report = run_batch(items, tmp_path, tmp_path, num_actors=2, actor_options={"num_cpus": 0},
                        chunk_size=3, progress=False)

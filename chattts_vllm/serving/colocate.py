@@ -1,4 +1,4 @@
-"""CPU core slices for several engines on one host.
+"""Several engines on one host: CPU core slices, and one engine start at a time per GPU.
 
 A ChatTTS engine's step loop is host-bound (the GPU is busy ~4.3 ms of a ~10 ms step at batch 512),
 so several engines share one GPU. Floating over all of a host's cores, their loops, torch pools and
@@ -9,13 +9,18 @@ of the cores (benchmarks/bench_throughput.py `--pin-cores`, 2026-11-29).
 `core_slice` is the split; `claim_slot` hands each engine process on a host a distinct slot without
 a coordinator (a lock file per slot, held for the life of the process, so a dead engine's slot
 frees itself and its replacement takes it); `pin_process` moves every thread of the process there.
+
+`one_start_per_gpu` serialises engine starts on a shared GPU: vLLM sizes an engine's KV cache from
+the GPU memory it sees change while it profiles (device-wide), so engines starting together on one
+GPU would count each other's allocations.
 """
 from __future__ import annotations
 
 import fcntl
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -80,3 +85,20 @@ def pin_to_slot(count: int, lock_dir: Path | None = None) -> tuple[CoreSlot | No
     mine = core_slice(cores, slot.index, count)
     pin_process(mine)
     return slot, mine
+
+
+@contextmanager
+def one_start_per_gpu(gpu_ids: Sequence[str | int], lock_dir: Path | None = None) -> Iterator[None]:
+    """Hold each of these GPUs' host-wide start locks (taken in sorted order, so two engines on the
+    same pair of GPUs cannot deadlock) for the body: an engine's start and memory profiling."""
+    d = lock_dir or _lock_dir()
+    fds = []
+    try:
+        for g in sorted({str(g) for g in gpu_ids}):
+            fd = os.open(d / f"chattts-vllm-start-gpu-{g}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+            fds.append(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)

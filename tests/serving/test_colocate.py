@@ -1,5 +1,5 @@
-"""serving/cores.py: core slices, host-wide slot claims (distinct, freed when the holder dies) and
-pinning every thread of a process, not only the caller."""
+"""serving/colocate.py: core slices, host-wide slot claims (distinct, freed when the holder dies),
+pinning every thread of a process, not only the caller, and one engine start at a time per GPU."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from chattts_vllm.serving.cores import claim_slot, core_slice
+from chattts_vllm.serving.colocate import claim_slot, core_slice, one_start_per_gpu
 
 
 def test_core_slices_cover_the_cores_once():
@@ -34,7 +34,7 @@ def test_a_dead_holders_slot_is_free_again(tmp_path):
     code = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from chattts_vllm.serving.cores import claim_slot
+        from chattts_vllm.serving.colocate import claim_slot
         s = claim_slot(2, Path({str(tmp_path)!r}))
         print(s.index, flush=True)
         time.sleep(60)
@@ -55,7 +55,7 @@ def test_pin_process_moves_threads_that_already_run():
     # In a child: pinning the test process itself would slow every later test.
     code = textwrap.dedent("""
         import json, os, threading
-        from chattts_vllm.serving.cores import pin_process
+        from chattts_vllm.serving.colocate import pin_process
         stop = threading.Event()
         t = threading.Thread(target=stop.wait); t.start()
         first = min(os.sched_getaffinity(0))
@@ -66,3 +66,45 @@ def test_pin_process_moves_threads_that_already_run():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     first, started_before, caller = json.loads(out.stdout)
     assert started_before == caller == [first]
+
+
+def test_starts_on_one_gpu_wait_for_each_other(tmp_path):
+    import threading
+    import time
+
+    spans: dict[str, tuple[float, float]] = {}
+
+    def start(name, gpus):
+        with one_start_per_gpu(gpus, tmp_path):
+            t0 = time.monotonic()
+            time.sleep(0.3)
+            spans[name] = (t0, time.monotonic())
+
+    threads = [threading.Thread(target=start, args=a) for a in
+               (("a", ["0"]), ("b", [0]), ("c", ["1"]), ("ab", ["1", "0"]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    def overlap(x, y):
+        return spans[x][0] < spans[y][1] and spans[y][0] < spans[x][1]
+
+    assert not overlap("a", "b") and not overlap("a", "ab") and not overlap("c", "ab")
+    assert not overlap("b", "ab")
+    with one_start_per_gpu([], tmp_path):             # no GPU (CPU engines): nothing to hold
+        pass
+
+
+def test_a_start_on_another_gpu_does_not_wait(tmp_path):
+    import threading
+
+    done = threading.Event()
+
+    def other():
+        with one_start_per_gpu(["1"], tmp_path):
+            done.set()
+
+    with one_start_per_gpu(["0"], tmp_path):
+        threading.Thread(target=other).start()
+        assert done.wait(5)
