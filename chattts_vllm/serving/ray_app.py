@@ -6,7 +6,8 @@
 Two deployments:
 - `SpeechEngine`: one vLLM `AsyncLLM`, built by vLLM's own `build_async_engine_client_from_engine_args`
   (as `vllm serve` builds it), and the endpoint plugin's `SpeechService` set up by the plugin's own
-  `init_state` (text front end, voices, Decoder + Vocos). One GPU each, or CPU slots locally.
+  `init_state` (text front end, voices, Decoder + Vocos). One GPU each (or 1/N with
+  `engines_per_gpu`, optionally on pinned cores: `pin_cores`), or CPU slots locally.
   With `VLLM_ENABLE_V1_MULTIPROCESSING=0` in the replica's environment (`ray_actor_options:
   runtime_env: env_vars`, or the driver's), its engine core runs in the replica process
   (serving/inproc.py) rather than in a child process.
@@ -75,13 +76,19 @@ class Reply:
 class SpeechEngine:
     """One vLLM engine with the speech service of serving/: what `vllm serve` + plugin runs."""
 
-    async def __init__(self, model_dir: str, served_model_names: list[str], engine_kwargs: dict):
+    async def __init__(self, model_dir: str, served_model_names: list[str], engine_kwargs: dict,
+                 pin_per_actor: dict[str, float] | None = None):
+        import ray
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         from chattts_vllm import register
+        from chattts_vllm.serving.colocate import one_start_per_gpu
         from chattts_vllm.serving.inproc import build_inproc_async_engine, inproc_requested
+        from chattts_vllm.serving.ray_batch import pin_to_node_slot
         from chattts_vllm.serving.speech import STATE_KEY, SpeechPlugin
 
+        # Before the engine starts its threads and its core process, which inherit the slice.
+        self._core_slot = pin_to_node_slot(pin_per_actor)[0] if pin_per_actor else None
         register()                                      # the model plugin, in this process too
         self._stack = contextlib.AsyncExitStack()
         args = AsyncEngineArgs(model=model_dir, served_model_name=served_model_names, **engine_kwargs)
@@ -92,7 +99,13 @@ class SpeechEngine:
         else:
             from vllm.entrypoints.openai.api_server import (
                 build_async_engine_client_from_engine_args as build)
-        self.engine = await self._stack.enter_async_context(build(args))
+        # Replicas sharing a GPU start one at a time (serving/colocate.py); waited for off the loop.
+        gate = one_start_per_gpu([str(g) for g in ray.get_gpu_ids()])
+        await asyncio.to_thread(gate.__enter__)
+        try:
+            self.engine = await self._stack.enter_async_context(build(args))
+        finally:
+            gate.__exit__(None, None, None)
         state = SimpleNamespace()
         await SpeechPlugin().init_state(self.engine, state, SimpleNamespace(
             model=model_dir, served_model_name=served_model_names))
@@ -263,10 +276,18 @@ def _cluster_has_gpus() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
 
 
+def engines_per_gpu(args: dict) -> int:
+    n = int(args.get("engines_per_gpu", 1))
+    if n < 1:
+        raise ValueError(f"engines_per_gpu must be at least 1, got {n}")
+    return n
+
+
 def engine_deployment_options(args: dict) -> dict:
     """Deployment options of `SpeechEngine`: replicas or autoscaling, and where an engine runs.
 
-    - default: one GPU per replica (`num_gpus: 1`) when the cluster has GPUs, else one CPU;
+    - default: one GPU per replica (`num_gpus: 1`, or 1 / `engines_per_gpu`) when the cluster
+      has GPUs, else one CPU;
     - tensor/pipeline parallel > 1 through vLLM's Ray executor (`distributed_executor_backend:
       ray`): a placement group of one GPU bundle per worker, the replica in the first (as Ray Serve
       LLM does), so the engine's workers land beside their replica;
@@ -291,7 +312,7 @@ def engine_deployment_options(args: dict) -> dict:
         opts["placement_group_bundles"] = [{**worker, "CPU": worker["CPU"] + cpus}] + [worker] * (world - 1)
         opts["placement_group_strategy"] = args.get("placement_group_strategy", "PACK")
     elif gpus:
-        actor.setdefault("num_gpus", 1)
+        actor.setdefault("num_gpus", 1 / engines_per_gpu(args))
         actor.setdefault("num_cpus", 1)
     else:
         actor.setdefault("num_cpus", 1)
@@ -318,21 +339,30 @@ def build_app(args: dict) -> serve.Application:
     autoscaling_config     {min_replicas, max_replicas, target_ongoing_requests, ...}
     max_ongoing_requests   per engine replica (default 32)
     ray_actor_options      per engine replica (default: num_gpus 1 with GPUs, else num_cpus 1)
+    engines_per_gpu        replicas per GPU (default 1): num_gpus 1/N and, unless engine_kwargs
+                           sets it, gpu_memory_utilization 0.9/N; replicas on one GPU start one
+                           at a time
+    pin_cores              each replica (and its engine core) on its own slice of its node's cores
     use_gpu                force GPU (true) or CPU (false) replicas; default: what the cluster has
     ingress                {num_replicas, ray_actor_options, max_attempts, retry_delay_s}
     """
     from chattts_vllm.serving.cli import resolve_model_dir
+    from chattts_vllm.serving.ray_batch import engine_kwargs_for, per_actor
 
     if "model" not in args:
         raise ValueError("build_app needs args['model'] (a model folder)")
     names = args.get("served_model_name", "chattts")
     names = [names] if isinstance(names, str) else list(names)
     model = str(resolve_model_dir(args["model"]))
-    engine = serve.deployment(SpeechEngine, name="SpeechEngine", **engine_deployment_options(args))
+    opts = engine_deployment_options(args)
+    engine = serve.deployment(SpeechEngine, name="SpeechEngine", **opts)
+    actor = opts["ray_actor_options"]
+    engine_kwargs = engine_kwargs_for(dict(args.get("engine_kwargs") or {}), actor)
+    pin = per_actor(actor) if str(args.get("pin_cores", False)).lower() in ("1", "true", "yes") else None
     ing = dict(args.get("ingress") or {})
     ingress = serve.deployment(SpeechIngress, name="SpeechIngress",
                                num_replicas=int(ing.get("num_replicas", 1)),
                                ray_actor_options=ing.get("ray_actor_options", {"num_cpus": 0}),
                                max_ongoing_requests=int(ing.get("max_ongoing_requests", 1000)))
-    return ingress.bind(engine.bind(model, names, dict(args.get("engine_kwargs") or {})), names,
+    return ingress.bind(engine.bind(model, names, engine_kwargs, pin), names,
                         int(ing.get("max_attempts", 3)), float(ing.get("retry_delay_s", 0.5)))

@@ -2,7 +2,8 @@
 
 40 concurrent real HTTP clients (the `openai` client and streamed httpx requests) all succeed and
 land on both replicas; killing a replica under load fails no request (the ingress retries on the
-other one) and Serve starts a replacement.
+other one) and Serve starts a replacement. The replicas run with `pin_cores`: each on its own half
+of the host's cores, the replacement on the half its victim held.
 """
 from __future__ import annotations
 
@@ -39,10 +40,36 @@ def speech_url(ray_cluster, serving_model_dir):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({"model": str(serving_model_dir), "served_model_name": MODEL, "num_replicas": 2,
                      "use_gpu": False, "engine_kwargs": ENGINE_KWARGS, "health_check_period_s": 2,
+                     "pin_cores": True,
                      "ingress": {"max_attempts": 5, "retry_delay_s": 0.5}})
     serve.run(app, name="chattts", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
+
+
+def _replica_cores() -> dict[int, list[int]]:
+    """CPU affinity of every live SpeechEngine replica process on this host, by pid."""
+    import os
+    from pathlib import Path
+
+    out = {}
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and b"ServeReplica:chattts:SpeechEngine" in (d / "cmdline").read_bytes():
+                out[int(d.name)] = sorted(os.sched_getaffinity(int(d.name)))
+        except (OSError, ProcessLookupError):
+            pass
+    return out
+
+
+def _assert_disjoint_halves(cores: dict[int, list[int]]) -> None:
+    import os
+
+    host = sorted(os.sched_getaffinity(0))
+    assert len(cores) == 2, cores
+    a, b = cores.values()
+    if len(host) >= 2:
+        assert not set(a) & set(b) and sorted(a + b) == host, cores
 
 
 def _body(seed: int, frames: int = FRAMES, **extra) -> dict:
@@ -96,6 +123,10 @@ def test_errors_are_the_endpoint_errors(speech_url):
     assert {"default", "alloy"} <= {v["id"] for v in voices}
 
 
+def test_replicas_are_pinned_to_disjoint_halves_of_the_cores(speech_url):
+    _assert_disjoint_halves(_replica_cores())
+
+
 def test_killing_a_replica_under_load_fails_no_request(speech_url, ray_cluster):
     ray = ray_cluster
     victim, _ = _openai_wav(speech_url, 0)
@@ -119,3 +150,4 @@ def test_killing_a_replica_under_load_fails_no_request(speech_url, ray_cluster):
             break
         time.sleep(3)
     assert len(seen) == 2, f"no replacement replica within 300 s; answered by {seen}"
+    _assert_disjoint_halves(_replica_cores())          # the replacement took the victim's cores

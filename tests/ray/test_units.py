@@ -127,6 +127,13 @@ def test_one_gpu_or_one_cpu_per_replica():
     assert "num_gpus" not in _opts(use_gpu="false", num_replicas="2")["ray_actor_options"]  # CLI
 
 
+def test_several_replicas_per_gpu():
+    assert _opts(use_gpu=True, engines_per_gpu=3)["ray_actor_options"]["num_gpus"] == 1 / 3
+    assert "num_gpus" not in _opts(use_gpu=False, engines_per_gpu=3)["ray_actor_options"]
+    with pytest.raises(ValueError, match="engines_per_gpu"):
+        _opts(use_gpu=True, engines_per_gpu=0)
+
+
 def test_autoscaling_replaces_num_replicas():
     auto = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
     o = _opts(use_gpu=True, autoscaling_config=auto)
