@@ -37,11 +37,15 @@ def _lock_dir() -> Path:
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
 
 
-class CoreSlot:
-    """Slot `index` of `count` on this host, held while this object (its locked file) lives."""
+def _open_lock(name: str, lock_dir: Path | None) -> int:
+    return os.open((lock_dir or _lock_dir()) / name, os.O_RDWR | os.O_CREAT, 0o666)
 
-    def __init__(self, index: int, count: int, fd: int):
-        self.index, self.count, self._fd = index, count, fd
+
+class CoreSlot:
+    """Slot `index` on this host, held while this object (its locked file) lives."""
+
+    def __init__(self, index: int, fd: int):
+        self.index, self._fd = index, fd
 
     def release(self) -> None:
         if self._fd >= 0:
@@ -51,15 +55,14 @@ class CoreSlot:
 
 def claim_slot(count: int, lock_dir: Path | None = None) -> CoreSlot | None:
     """The lowest free slot of `count` on this host, or None when every slot is held."""
-    d = lock_dir or _lock_dir()
     for i in range(count):
-        fd = os.open(d / f"chattts-vllm-cores-{count}-{i}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        fd = _open_lock(f"chattts-vllm-cores-{count}-{i}.lock", lock_dir)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             continue
-        return CoreSlot(i, count, fd)
+        return CoreSlot(i, fd)
     return None
 
 
@@ -91,11 +94,10 @@ def pin_to_slot(count: int, lock_dir: Path | None = None) -> tuple[CoreSlot | No
 def one_start_per_gpu(gpu_ids: Sequence[str | int], lock_dir: Path | None = None) -> Iterator[None]:
     """Hold each of these GPUs' host-wide start locks (taken in sorted order, so two engines on the
     same pair of GPUs cannot deadlock) for the body: an engine's start and memory profiling."""
-    d = lock_dir or _lock_dir()
     fds = []
     try:
         for g in sorted({str(g) for g in gpu_ids}):
-            fd = os.open(d / f"chattts-vllm-start-gpu-{g}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+            fd = _open_lock(f"chattts-vllm-start-gpu-{g}.lock", lock_dir)
             fds.append(fd)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -276,6 +276,11 @@ def _cluster_has_gpus() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
 
 
+def _flag(value) -> bool:
+    """A YAML bool, or the string `serve run ... key=true` passes."""
+    return str(value).lower() in ("1", "true", "yes")
+
+
 def engines_per_gpu(args: dict) -> int:
     n = int(args.get("engines_per_gpu", 1))
     if n < 1:
@@ -301,7 +306,7 @@ def engine_deployment_options(args: dict) -> dict:
                   "health_check_period_s": float(args.get("health_check_period_s", 10)),
                   "graceful_shutdown_timeout_s": float(args.get("graceful_shutdown_timeout_s", 30))}
     use_gpu = args.get("use_gpu")          # `serve run ... use_gpu=false` passes a string
-    gpus = _cluster_has_gpus() if use_gpu is None else str(use_gpu).lower() in ("1", "true", "yes")
+    gpus = _cluster_has_gpus() if use_gpu is None else _flag(use_gpu)
     if kw.get("data_parallel_backend") == "ray" and int(kw.get("data_parallel_size", 1)) > 1:
         actor.setdefault("num_cpus", 1)
         actor["num_gpus"] = 0
@@ -358,7 +363,7 @@ def build_app(args: dict) -> serve.Application:
     engine = serve.deployment(SpeechEngine, name="SpeechEngine", **opts)
     actor = opts["ray_actor_options"]
     engine_kwargs = engine_kwargs_for(dict(args.get("engine_kwargs") or {}), actor)
-    pin = per_actor(actor) if str(args.get("pin_cores", False)).lower() in ("1", "true", "yes") else None
+    pin = per_actor(actor) if _flag(args.get("pin_cores", False)) else None
     ing = dict(args.get("ingress") or {})
     ingress = serve.deployment(SpeechIngress, name="SpeechIngress",
                                num_replicas=int(ing.get("num_replicas", 1)),

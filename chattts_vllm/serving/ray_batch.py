@@ -312,7 +312,7 @@ def pin_to_node_slot(need: dict[str, float]) -> tuple[CoreSlot | None, list[int]
     res = next(n["Resources"] for n in ray.nodes() if n["NodeID"] == node)
     slot, cores = pin_to_slot(actors_that_fit(res, need))
     if slot is None:
-        print(f"chattts-vllm batch: every core slot on this node is taken; actor {os.getpid()} "
+        print(f"chattts-vllm: every core slot on this node is taken; actor {os.getpid()} "
               f"is not pinned", file=sys.stderr)
     else:
         import torch
