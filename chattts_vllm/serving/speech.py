@@ -27,7 +27,7 @@ from vllm.logger import init_logger
 
 from chattts_vllm import ARCHITECTURE
 from chattts_vllm.audio.formats import MEDIA_TYPES, SAMPLE_RATE, StreamEncoder, encode_audio
-from chattts_vllm.serving import metrics
+from chattts_vllm.serving import listeners, metrics
 from chattts_vllm.serving.protocol import SpeechError, SpeechRequest, parse_speech_request
 from chattts_vllm.serving.service import Prepared, SpeechService
 from chattts_vllm.serving.streaming import SpeechJob
@@ -183,6 +183,10 @@ class SpeechPlugin:
         app.include_router(router)
 
     async def init_state(self, engine_client, state, args) -> None:
+        if (getattr(args, "api_server_count", 1) or 1) > 1 and not getattr(args, "uds", None) \
+                and listeners.enabled():
+            # Before the HTTP server starts listening on the socket it was handed.
+            listeners.take_own_listener(args.port)
         if engine_client is None:                       # CPU-only render server: no engine
             return
         archs = getattr(engine_client.model_config, "architectures", None) or []

@@ -8,7 +8,9 @@ process took it, and /metrics adds up the processes' speech series.
 """
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -60,3 +62,45 @@ def test_every_api_process_serves_the_same_audio(two_front_ends):
     # Both processes' first-audio observations reach the one /metrics.
     assert metric(url, "chattts_speech_time_to_first_audio_seconds_count") == ttfa_before + 12
     assert metric(url, "chattts_speech_audio_seconds_total") >= 16 * (FRAMES - 1) * 512 / SR
+
+
+def listening_sockets(port: int) -> int:
+    """Sockets in LISTEN (state 0A) on `port`, from the kernel's tables (this network namespace)."""
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            n += state == "0A" and int(local.rsplit(":", 1)[1], 16) == port
+    return n
+
+
+def test_api_processes_listen_on_their_own_sockets(two_front_ends):
+    """Each API process has its own SO_REUSEPORT socket (vLLM alone has one socket that both
+    accept on, so a burst of connections lands mostly in one process), and a burst of 32
+    connections reaches both processes."""
+    url, log = two_front_ends
+    port = int(url.rsplit(":", 1)[1])
+    assert listening_sockets(port) == 2
+
+    async def burst(n: int) -> None:
+        async def one(i: int) -> None:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(f"GET /v1/audio/voices?burst={i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            await w.drain()
+            head = await r.readuntil(b"\r\n\r\n")
+            await r.readexactly(int(re.search(rb"content-length: (\d+)", head, re.I).group(1)))
+            w.close()
+        await asyncio.gather(*(one(i) for i in range(n)))
+
+    asyncio.run(burst(32))
+    time.sleep(0.5)                        # the access log lines
+    per = {}
+    for m in re.finditer(r"\(ApiServer_(\d+) pid=\d+\).*GET /v1/audio/voices\?burst=(\d+)", log.read_text()):
+        per.setdefault(m.group(1), set()).add(m.group(2))
+    assert sum(len(v) for v in per.values()) == 32
+    # The kernel hashes connections to sockets: P(fewer than 6 of 32 in one of 2) ~ 1e-4.
+    assert len(per) == 2 and min(len(v) for v in per.values()) >= 6, per
