@@ -30,6 +30,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -192,6 +193,21 @@ def server_view(before: dict, after: dict) -> dict:
     return view
 
 
+API_REQUEST = re.compile(r"\((?:ApiServer|APIServer)_?(\d*) pid=\d+\).*\"POST /v1/audio/speech")
+
+
+def api_process_requests(log: Path | None) -> dict[str, int]:
+    """Speech requests per API server process so far, from a served run's log (uvicorn's access
+    lines carry vLLM's process tag); {} without a log. The difference around a level shows how
+    its connections spread over `--api-server-count` processes."""
+    if log is None or not log.exists():
+        return {}
+    counts: dict[str, int] = {}
+    for m in API_REQUEST.finditer(log.read_text(errors="replace")):
+        counts[m.group(1) or "0"] = counts.get(m.group(1) or "0", 0) + 1
+    return counts
+
+
 def _mode(f: int) -> str:
     return "exact" if not f else f"first chunk {f} frames"
 
@@ -305,6 +321,7 @@ def main() -> None:
     server = (served(args.serve, args.serve_layers, shlex.split(args.serve_args), args.inproc,
                      args.out_dir / f"{stem}-server.log", args.serve_timeout)
               if args.serve else contextlib.nullcontext(args.url))
+    args.server_log = args.out_dir / f"{stem}-server.log" if args.serve else None
     with server as url:
         rows, model, body = bench(url.rstrip("/"), args)
 
@@ -342,6 +359,10 @@ def main() -> None:
               + " ".join(f"{r.get(k) or 0:>{w}.1f}" for k, w in (
                   ("first_audio_prepare_mean_ms", 5), ("first_audio_engine_mean_ms", 6),
                   ("first_audio_decode_mean_ms", 6), ("engine_ttft_mean_ms", 5), ("engine_itl_mean_ms", 5))))
+    for r in rows:
+        if len(r.get("requests_per_api_process") or []) > 1:
+            print(f"requests per API process, {r['arrivals']} c={r['concurrency']} "
+                  f"F={r['first_chunk_frames']}: {r['requests_per_api_process']}")
     print(f"wrote {args.out_dir / stem}.json (+ .png)")
 
 
@@ -365,9 +386,14 @@ def bench(url: str, args) -> tuple[list[dict], str, dict]:
     with tqdm(total=total, unit="req", desc="bench_serving") as bar:
         for c, m, a in ((c, m, a) for c in args.concurrency for m in modes for a in args.arrivals):
             spread = wall[c, m.get("stream_first_chunk_frames", 0)] if a == "staggered" else 0.0
-            before = server_series(url)
+            before, seen = server_series(url), api_process_requests(args.server_log)
             rows.append(asyncio.run(run_level(url, {**body, **m}, c, args.rounds, bar, a, spread)))
             rows[-1].update(server_view(before, server_series(url)))
+            if args.server_log is not None:
+                time.sleep(0.5)                  # the last access lines
+                now = api_process_requests(args.server_log)
+                rows[-1]["requests_per_api_process"] = sorted(
+                    (now[k] - seen.get(k, 0) for k in now if now[k] > seen.get(k, 0)), reverse=True)
             bar.set_postfix(c=c, f=rows[-1]["first_chunk_frames"], a=a,
                             ttfa_p50=f"{rows[-1]['ttfa_p50_ms'] or 0:.0f}ms")
     return rows, model, body

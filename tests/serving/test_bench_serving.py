@@ -55,3 +55,20 @@ def test_bench_serving_staggered_arrivals(server, tmp_path):
     assert lock["requests"] == 4 and stag["requests"] == 2      # 2 clients x 2 rounds; ramp excluded
     for row in (lock, stag):
         assert row["errors"] == 0 and row["audio_s_total"] > 0 and row["ttfa_p50_ms"] > 0
+
+
+def test_requests_per_api_process_come_from_the_servers_access_lines(tmp_path):
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        from bench_serving import api_process_requests
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    log = tmp_path / "server.log"
+    log.write_text(
+        '(ApiServer_0 pid=11) INFO:     127.0.0.1:1 - "POST /v1/audio/speech HTTP/1.1" 200 OK\n'
+        '(ApiServer_1 pid=12) INFO:     127.0.0.1:2 - "POST /v1/audio/speech HTTP/1.1" 200 OK\n'
+        '(ApiServer_1 pid=12) INFO:     127.0.0.1:3 - "POST /v1/audio/speech HTTP/1.1" 400 Bad Request\n'
+        '(ApiServer_1 pid=12) INFO:     127.0.0.1:4 - "GET /health HTTP/1.1" 200 OK\n'
+        '(APIServer pid=13) INFO:     127.0.0.1:5 - "POST /v1/audio/speech HTTP/1.1" 200 OK\n')
+    assert api_process_requests(log) == {"0": 2, "1": 2}      # APIServer (one process) counts as 0
+    assert api_process_requests(None) == {}
