@@ -91,18 +91,19 @@ async def loop_lag(lags: list[float], stop: asyncio.Event, period: float = 1e-3)
         lags.append(time.perf_counter() - t - period)
 
 
-async def run_level(url: str, body: dict, concurrency: int, rounds: int, bar: tqdm,
-                    arrivals: str = "lockstep", spread_s: float = 0.0) -> dict:
-    """One level. "staggered" arrivals: client w starts w / concurrency of `spread_s` late (one
-    request's duration) and the latency figures skip each client's first request (the ramp), so
-    they are the steady state of `concurrency` streams; "lockstep": all clients start together, and
-    equal-length requests keep every round a burst of `concurrency` simultaneous arrivals."""
+async def run_clients(url: str, body: dict, concurrency: int, rounds: int, workers: range,
+                      arrivals: str, spread_s: float, start_at: float,
+                      bar: tqdm | None = None) -> tuple[list[dict], list[float], float]:
+    """Clients `workers` (of `concurrency`) from wall-clock time `start_at`: (request results,
+    this event loop's wake-up lags, the time.time() its last request ended)."""
     staggered = arrivals == "staggered"
     results: list[dict] = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    n = len(workers)
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
     lags: list[float] = []
     stop = asyncio.Event()
     monitor = asyncio.create_task(loop_lag(lags, stop))
+    await asyncio.sleep(max(0.0, start_at - time.time()))
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
         async def worker(w: int) -> None:
@@ -112,13 +113,49 @@ async def run_level(url: str, body: dict, concurrency: int, rounds: int, bar: tq
                 seed = None if body.get("seed") is None else body["seed"] + w * rounds + k
                 results.append({**await one_request(client, url, {**body, "seed": seed}),
                                 "ramp": staggered and k == 0 and rounds > 1})
-                bar.update()
+                if bar is not None:
+                    bar.update()
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
-        wall = time.perf_counter() - t0
+        await asyncio.gather(*(worker(w) for w in workers))
+        end = time.time()
     stop.set()
     await monitor
+    return results, lags, end
+
+
+def _client_process(url: str, body: dict, concurrency: int, rounds: int, workers: range,
+                    arrivals: str, spread_s: float, start_at: float):
+    return asyncio.run(run_clients(url, body, concurrency, rounds, workers, arrivals, spread_s, start_at))
+
+
+def run_level(url: str, body: dict, concurrency: int, rounds: int, bar: tqdm,
+              arrivals: str = "lockstep", spread_s: float = 0.0, procs: int = 1) -> dict:
+    """One level. "staggered" arrivals: client w starts w / concurrency of `spread_s` late (one
+    request's duration) and the latency figures skip each client's first request (the ramp), so
+    they are the steady state of `concurrency` streams; "lockstep": all clients start together, and
+    equal-length requests keep every round a burst of `concurrency` simultaneous arrivals.
+
+    `procs` > 1 splits the clients over that many client processes (each its own event loop), so
+    that one Python loop serialising 64 requests' sends and first reads does not add its own
+    queueing to every stream's time to first audio."""
+    staggered = arrivals == "staggered"
+    procs = max(1, min(procs, concurrency))
+    start_at = time.time() + (0.05 if procs == 1 else 1.0)
+    if procs == 1:
+        results, lags, end = asyncio.run(run_clients(url, body, concurrency, rounds, range(concurrency),
+                                                     arrivals, spread_s, start_at, bar))
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(procs) as pool:
+            parts = list(pool.map(_client_process, *zip(*[
+                (url, body, concurrency, rounds, range(p, concurrency, procs), arrivals, spread_s,
+                 start_at) for p in range(procs)])))
+        results = [r for part in parts for r in part[0]]
+        lags = [x for part in parts for x in part[1]]
+        end = max(part[2] for part in parts)
+        bar.update(len(results))
+    wall = end - start_at
     lag = np.array(lags) * 1e3
     audio = sum(r.get("audio_s", 0.0) for r in results)
     errors = [r["error"] for r in results if "error" in r]
@@ -129,7 +166,7 @@ async def run_level(url: str, body: dict, concurrency: int, rounds: int, bar: tq
     stall = np.array([r["stall_s"] for r in ok]) * 1e3
     pct = (lambda a, q: float(np.percentile(a, q)) if a.size else None)
     return dict(concurrency=concurrency, first_chunk_frames=body.get("stream_first_chunk_frames", 0),
-                arrivals=arrivals, spread_s=spread_s if staggered else 0.0,
+                arrivals=arrivals, spread_s=spread_s if staggered else 0.0, client_procs=procs,
                 requests=len(results), errors=len(errors), first_error=errors[0] if errors else None,
                 ttfa_p50_ms=pct(ttfa, 50), ttfa_p95_ms=pct(ttfa, 95), ttfa_p99_ms=pct(ttfa, 99),
                 ttfa_mean_ms=float(ttfa.mean()) if ttfa.size else None,
@@ -308,6 +345,9 @@ def main() -> None:
                     help="lockstep: all clients start together (equal-length requests keep each round "
                          "a burst); staggered: client starts spread over one request's duration (from "
                          "the warm-up), latency from each client's second request on")
+    ap.add_argument("--client-procs", type=int, nargs="+", default=[1],
+                    help="client processes a level's clients are split over (each value measured): "
+                         "one Python event loop sending 64 requests at once queues them itself")
     ap.add_argument("--inproc", action="store_true",
                     help="with --serve: engine core in the server process (VLLM_ENABLE_V1_MULTIPROCESSING=0)")
     args = ap.parse_args()
@@ -338,20 +378,21 @@ def main() -> None:
                         "and audio_jobs_per_call come from the server's /metrics (the coalesced audio "
                         "decode: jobs per batched call); ttfa_mean_ms against server_ttfa_mean_ms "
                         "is the time outside the server's handler (HTTP, the client); "
-                        "client_loop_lag_*: how late the client's own event loop wakes")
+                        "client_loop_lag_*: how late the client's own event loop wakes; client_procs: "
+                        "client processes the level's clients were split over")
     (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     try:
         plot(rows, f"ChatTTS /v1/audio/speech on {card} ({date})", args.out_dir / f"{stem}.png")
     except ImportError:                              # a GPU box without matplotlib: JSON only
         print("matplotlib not installed: no plot")
 
-    print(f"\n{'arrivals':>9} {'mode':>8} {'conc':>5} {'reqs':>5} {'err':>4} {'ttfa p50':>9} {'ttfa p95':>9} "
+    print(f"\n{'arrivals':>9} {'mode':>8} {'conc':>5} {'procs':>5} {'reqs':>5} {'err':>4} {'ttfa p50':>9} {'ttfa p95':>9} "
           f"{'mean':>6} {'srv':>5} {'lag99':>5} "
           f"{'stall p95':>9} {'rtf p50':>8} {'audio s/s':>10} {'jobs/call':>9}  server ms: "
           f"{'prep':>5} {'engine':>6} {'decode':>6} {'ttft':>5} {'itl':>5}")
     for r in rows:
         print(f"{r['arrivals']:>9} {'exact' if not r['first_chunk_frames'] else 'F=' + str(r['first_chunk_frames']):>8} "
-              f"{r['concurrency']:>5} {r['requests']:>5} {r['errors']:>4} {r['ttfa_p50_ms'] or 0:>7.0f}ms "
+              f"{r['concurrency']:>5} {r.get('client_procs', 1):>5} {r['requests']:>5} {r['errors']:>4} {r['ttfa_p50_ms'] or 0:>7.0f}ms "
               f"{r['ttfa_p95_ms'] or 0:>7.0f}ms {r.get('ttfa_mean_ms') or 0:>6.0f} "
               f"{r.get('server_ttfa_mean_ms') or 0:>5.0f} {r.get('client_loop_lag_p99_ms') or 0:>5.1f} "
               f"{r['stall_p95_ms'] or 0:>7.0f}ms {r['rtf_p50'] or 0:>8.3f} "
@@ -362,7 +403,8 @@ def main() -> None:
     for r in rows:
         if len(r.get("requests_per_api_process") or []) > 1:
             print(f"requests per API process, {r['arrivals']} c={r['concurrency']} "
-                  f"F={r['first_chunk_frames']}: {r['requests_per_api_process']}")
+                  f"F={r['first_chunk_frames']} procs={r.get('client_procs', 1)}: "
+                  f"{r['requests_per_api_process']}")
     print(f"wrote {args.out_dir / stem}.json (+ .png)")
 
 
@@ -380,14 +422,16 @@ def bench(url: str, args) -> tuple[list[dict], str, dict]:
     wall = {}
     for c in args.concurrency:
         for m in modes:
-            warm = asyncio.run(run_level(url, {**body, **m}, c, 1, tqdm(disable=True)))
+            warm = run_level(url, {**body, **m}, c, 1, tqdm(disable=True))
             wall[c, m.get("stream_first_chunk_frames", 0)] = warm["wall_s"]
-    total = sum(args.concurrency) * args.rounds * len(modes) * len(args.arrivals)
+    total = (sum(args.concurrency) * args.rounds * len(modes) * len(args.arrivals)
+             * len(args.client_procs))
     with tqdm(total=total, unit="req", desc="bench_serving") as bar:
-        for c, m, a in ((c, m, a) for c in args.concurrency for m in modes for a in args.arrivals):
+        for c, m, a, procs in ((c, m, a, p) for c in args.concurrency for m in modes
+                               for a in args.arrivals for p in args.client_procs):
             spread = wall[c, m.get("stream_first_chunk_frames", 0)] if a == "staggered" else 0.0
             before, seen = server_series(url), api_process_requests(args.server_log)
-            rows.append(asyncio.run(run_level(url, {**body, **m}, c, args.rounds, bar, a, spread)))
+            rows.append(run_level(url, {**body, **m}, c, args.rounds, bar, a, spread, procs))
             rows[-1].update(server_view(before, server_series(url)))
             if args.server_log is not None:
                 time.sleep(0.5)                  # the last access lines

@@ -72,3 +72,19 @@ def test_requests_per_api_process_come_from_the_servers_access_lines(tmp_path):
         '(APIServer pid=13) INFO:     127.0.0.1:5 - "POST /v1/audio/speech HTTP/1.1" 200 OK\n')
     assert api_process_requests(log) == {"0": 2, "1": 2}      # APIServer (one process) counts as 0
     assert api_process_requests(None) == {}
+
+
+def test_bench_serving_splits_clients_over_processes(server, tmp_path):
+    """`--client-procs 1 2`: each level once per value; with 2 processes every client's request
+    is still made and measured (4 clients x 2 rounds), and the rows say how they ran."""
+    r = subprocess.run([sys.executable, str(BENCH), server.url, "--concurrency", "4", "--rounds", "2",
+                        "--client-procs", "1", "2", "--tag", "procs", "--out-dir", str(tmp_path),
+                        "--min-new-token", "30", "--max-new-token", "30"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = json.loads(next(tmp_path.glob("serving-*-procs.json")).read_text())["rows"]
+    assert (one["client_procs"], two["client_procs"]) == (1, 2)
+    for row in (one, two):
+        assert row["requests"] == 8 and row["errors"] == 0 and row["ttfa_p50_ms"] > 0
+        assert row["audio_s_total"] > 0 and row["wall_s"] > 0
+        assert row["client_loop_lag_p99_ms"] is not None
