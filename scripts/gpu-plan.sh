@@ -47,6 +47,7 @@
 #   bash scripts/gpu-plan.sh warm       # pinned-decode GPU test, then a tiny engine run (JIT) (~3 min)
 #   bash scripts/gpu-plan.sh tests1     # one card: GPU tests of the newest serving / sink code  (~6 min)
 #   bash scripts/gpu-plan.sh thrucores  # one card: ChatTTS vs stock, batch 512, core in-process then own (~8 min)
+#   bash scripts/gpu-plan.sh bursts N S # one card: TTFA, N API servers under MPS, 1 and 8 client processes (~4 min)
 #   bash scripts/gpu-plan.sh profileq   # one card: per-step host time, ChatTTS (with/without export) and stock (~5 min)
 #   bash scripts/gpu-plan.sh measure    # card 0: throughput + stock, then the ChatTTS host   (~9 min)
 #                                       #         profile (per step vs per batch)
@@ -324,16 +325,24 @@ case "${1:-}" in
     card0 timeout 250 $py benchmarks/profile_gpt_step.py --batch 512 --frames 150 > $W/profile.log 2>&1
     card0 timeout 200 $py benchmarks/profile_gpt_step.py --batch 512 --frames 150 --stock > $W/profile-stock.log 2>&1
     grep -h "^== \|^-- thread\|^   [a-z]" $W/profile*.log | head -60 ;;
+  bursts)
+    # One card: TTFA at 64 streams (F = 6, bursts and staggered), N API processes under MPS (own
+    # listening sockets since 1d23a7c), the clients in 1 and in 8 client processes; S s limit.
+    SERVE_MPS=1 SERVE_EXTRA="--api-server-count ${2:-8}" SERVING_TIMEOUT=${3:-300} OUT=$W card0 \
+        bash scripts/gpu-check.sh serving --first-chunk-frames 6 --arrivals lockstep staggered \
+        --rounds 3 --client-procs 1 8 --tag "asc${2:-8}-mps-procs" > /dev/null 2>&1
+    mv $W/bench-serving.log "$W/bench-serving-procs.log"; gpu_free
+    quiet $W/bench-serving-procs.log | grep -A14 "mode  conc" ;;
   thrucores)
     # One card: ChatTTS against stock at batch 512 (GPT, then decode after it), both with the engine
     # core in-process (every throughput row until 2026-11-29), then both with it in its own process
     # (vLLM's default), same call. S s limit per run (default 280).
-    for core in inproc own; do
+    for core in ${CORES:-inproc own}; do
       card0 timeout $((${2:-280} + 10)) $py benchmarks/bench_throughput.py --batches 512 --decode after \
           --core $core --time-limit ${2:-280} --tag "core-$core" > $W/thru-$core.log 2>&1
       echo "rc $?" >> $W/thru-$core.log; gpu_free
     done
-    for core in inproc own; do echo "== core $core"; quiet $W/thru-$core.log | grep -A2 "^ batch"
+    for core in ${CORES:-inproc own}; do echo "== core $core"; quiet $W/thru-$core.log | grep -A2 "^ batch"
       grep -h "failed\|stopped\|rc " $W/thru-$core.log; done ;;
   profileq)
     # One card: per-step and per-batch host time of ChatTTS (plain, and without the record export)
@@ -345,7 +354,7 @@ case "${1:-}" in
     grep -h "^== " $W/profile-q*.log ;;
   ray)
     RAY_TIMEOUT=420 OUT=$W bash scripts/gpu-check.sh ray | tail -8 ;;
-  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile|fronts|fronts-mps|mpsfront|thru1|mpsengines|pinning|cores|best|warm|tests1|thrucores|profileq"; exit 2 ;;
+  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile|fronts|fronts-mps|mpsfront|thru1|mpsengines|pinning|cores|best|warm|tests1|thrucores|profileq|bursts"; exit 2 ;;
 esac
 find benchmarks/results -maxdepth 1 -newer "$stamp" \( -name '*.json' -o -name '*.png' \) -exec cp -f {} $W/ \;
 rm -f "$stamp"

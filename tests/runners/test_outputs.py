@@ -112,3 +112,61 @@ def test_read_records_into_a_callers_array():
         FrameReader(keys[0]).read_records(0, 8, out=np.empty((7, words), np.int32))
     with pytest.raises(ValueError):
         FrameReader(keys[0]).read_records(0, 8, out=np.empty((8, 2 * words), np.int32)[:, ::2])
+
+
+def test_mapped_records_equal_the_read_ones_and_outlive_the_file():
+    """`map_records` (the offline read-back) gives `read_records`' records without a copy; the
+    view stays valid after the reader removes the file, is writable without touching the file,
+    waits for a late frame, and refuses (no SIGBUS) a range the file does not hold."""
+    key = new_key()
+    codes, hidden = random_frames(40)
+    w = FrameWriter(key, capacity=64)
+    for i in range(39):
+        w.write(i, codes[i], hidden[i])
+    r = FrameReader(key)
+    with pytest.raises(RuntimeError, match="fewer than 40 frames"):
+        r.map_records(40, timeout=0.1)               # record 39 has no marker yet
+    with pytest.raises(RuntimeError, match="fewer than 65 frames"):
+        r.map_records(65, timeout=0.1)               # past the end of the 64-record file
+
+    def late():
+        time.sleep(0.2)
+        w.write(39, codes[39], hidden[39])
+
+    t = threading.Thread(target=late)
+    t.start()
+    mapped = r.map_records(40, timeout=5.0)
+    t.join()
+    np.testing.assert_array_equal(mapped, r.read_records(0, 40))
+    r.close()
+    w.close()
+    assert not r.path.exists()
+    np.testing.assert_array_equal(mapped[:, 1:5], codes)          # pages outlive the file
+    np.testing.assert_array_equal(mapped[:, 5:].view(np.float32), hidden)
+    mapped[0, 1] = -7                                              # private: a write stays here
+    assert mapped[0, 1] == -7
+    assert r.map_records(0).shape == (0, record_size() // 4)
+
+
+def test_collected_results_match_the_frames_and_survive_cleanup():
+    from chattts_vllm.gpt.requests import collect_code_result
+
+    key = new_key()
+    codes, hidden = random_frames(30, seed=4)
+    w = FrameWriter(key)
+    for i in range(30):
+        w.write(i, codes[i], hidden[i])
+    w.close()
+    res = collect_code_result(key, [int(c) for c in codes[:, 0]])
+    assert not FrameReader(key).path.exists()
+    np.testing.assert_array_equal(res.codes, codes)
+    assert res.codes.flags.c_contiguous
+    np.testing.assert_array_equal(res.hidden, hidden)
+    import torch
+    np.testing.assert_array_equal(torch.from_numpy(res.hidden).numpy(), hidden)
+    with pytest.raises(RuntimeError, match="out of step"):
+        w = FrameWriter(key)
+        for i in range(30):
+            w.write(i, codes[i], hidden[i])
+        w.close()
+        collect_code_result(key, [int(c) + 1 for c in codes[:, 0]])
