@@ -25,7 +25,8 @@ Levers: `--kv-cache-dtype fp8` (both ChatTTS and stock; sweep rows then go to `v
 apart within a round), `--core own` (each engine's core in its own process, vLLM's default, so the
 core's step loop does not also turn outputs into results; `inproc`, the default here, keeps the
 numbers comparable with earlier rows), `--repeats N` (every round N times on the same engines; the
-JSON's `summary` gives each configuration's median and best), `--decode`: `after`
+JSON's `summary` gives each configuration's median and best; a sweep row is its median round, and
+stock's rate the median of its N), `--decode`: `after`
 (the Decoder + Vocos pass once the GPT is done, as `decode_utterances`), `overlap` (decoded while
 the GPT generates, serving/overlap.py, as `ChatTTS.synthesize(overlap_decode=True)` does) or `both` (each round
 runs twice; overlap rows carry `decode: "overlap"`, and sweep rows `e2e_overlap_audio_s_per_s`).
@@ -252,11 +253,17 @@ def child_stock(args) -> None:
     for b in plan["batches"]:
         prompts = [{"prompt_token_ids": [random.randrange(626) for _ in range(20)]} for _ in range(b)]
         llm.generate(prompts[:min(b, 8)], sp, use_tqdm=False)          # warm-up
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, sp, use_tqdm=False)
-        t = time.perf_counter() - t0
-        n = sum(len(o.outputs[0].token_ids) for o in outs)
-        rows.append(dict(batch=b, stock_frames_per_s=n / t, stock_llama_audio_s_per_s=n / FPS / t))
+        rates = []
+        for _ in range(plan.get("repeats", 1)):
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, sp, use_tqdm=False)
+            t = time.perf_counter() - t0
+            n = sum(len(o.outputs[0].token_ids) for o in outs)
+            rates.append(n / t)
+        rate = statistics.median(rates)
+        rows.append(dict(batch=b, stock_frames_per_s=rate, stock_llama_audio_s_per_s=rate / FPS,
+                         **({"stock_rounds_audio_s_per_s": [round(x / FPS, 1) for x in rates]}
+                            if len(rates) > 1 else {})))
         print(json.dumps(rows[-1]), flush=True)
     Path(args.out).write_text(json.dumps(rows))
     sys.stdout.flush()
@@ -456,7 +463,7 @@ def run_engine_set(args, model: Path, eset: dict, work: Path, env: dict, deadlin
 
 def run_stock(args, work: Path, env: dict, cuda: bool, deadline: float) -> dict[int, dict]:
     path = make_stock_llama(work / "stock", args.num_layers)
-    plan = dict(frames=args.frames, batches=args.batches,
+    plan = dict(frames=args.frames, batches=args.batches, repeats=args.repeats,
                 engine_kwargs=[sweep_kwargs(args, max(args.batches), cuda)])
     (work / "stock-plan.json").write_text(json.dumps(plan))
     out = work / "stock.json"
@@ -480,6 +487,19 @@ def merge(old: list[dict], new: list[dict], key) -> list[dict]:
 def config_key(r: dict) -> tuple:
     return (r["engines"], r["batch"], r.get("kv_cache_dtype", "auto"), bool(r.get("mps")),
             r.get("decode", "after"), bool(r.get("pin_cores")))
+
+
+def median_round(rounds: list[dict]) -> list[dict]:
+    """[the round with the median GPT rate] (lower median for an even count), carrying every
+    round's GPT and e2e rates when there are several (`--repeats` on the single-engine sweep); []
+    for none."""
+    if len(rounds) <= 1:
+        return rounds
+    ranked = sorted(rounds, key=lambda r: r["gpt_audio_s_per_s"])
+    mid = dict(ranked[(len(ranked) - 1) // 2])
+    mid["gpt_rounds_audio_s_per_s"] = [round(r["gpt_audio_s_per_s"], 1) for r in rounds]
+    mid["e2e_rounds_audio_s_per_s"] = [round(r["e2e_audio_s_per_s"], 1) for r in rounds]
+    return [mid]
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -628,8 +648,9 @@ def main() -> None:
     p.add_argument("--profile-decode", action="store_true",
                    help="each engine's decode under torch.profiler (its top ops go into the JSON rows)")
     p.add_argument("--repeats", type=int, default=1,
-                   help="--engines: run every round this many times (engines started once); "
-                        "rows carry `repeat`, and `summary` has each configuration's median and best")
+                   help="run every round this many times (engines started once). --engines: rows "
+                        "carry `repeat`, and `summary` has each configuration's median and best; "
+                        "sweep: each row is the median round (stock too), with every round's rate")
     p.add_argument("--core", choices=["inproc", "own"], default=None,
                    help="engine core in each engine's process (VLLM_ENABLE_V1_MULTIPROCESSING=0) or "
                         "in its own (vLLM's default); default: the environment's setting, else inproc")
@@ -689,8 +710,9 @@ def main() -> None:
                     eng_rows += run_engine_set(args, model, eset, work, env, deadline)
                 sweep, stock = [], {}
             else:
-                eset = dict(rounds=[dict(engines=1, batch=b, shares=[b], decode=m)
-                                    for b in args.batches for m in decode_modes(args)],
+                eset = dict(rounds=[dict(engines=1, batch=b, shares=[b], decode=m, repeat=i)
+                                    for i in range(args.repeats) for b in args.batches
+                                    for m in decode_modes(args)],
                             round_ids=[0], engine_kwargs=[sweep_kwargs(args, max(args.batches), cuda)],
                             need_gib=0)
                 # Stock first: the ceiling is the number a ratio cannot do without, and ChatTTS's
@@ -715,11 +737,11 @@ def main() -> None:
     drop = ("engines", "shares", "per_engine_gpt_s", "per_engine_decode_s", "start_skew_s", "e2e_s", "mps",
             "decode", "streamed_frames")
     for b in args.batches:
-        after = [r for r in sweep if r["batch"] == b and r["decode"] == "after"]
-        over = [r for r in sweep if r["batch"] == b and r["decode"] == "overlap"]
+        after = median_round([r for r in sweep if r["batch"] == b and r["decode"] == "after"])
+        over = median_round([r for r in sweep if r["batch"] == b and r["decode"] == "overlap"])
         if not after and not over:
             continue
-        row = {k: v for k, v in (after or over)[0].items() if k not in drop}
+        row = {k: v for k, v in (after or over)[0].items() if k not in drop + ("repeat",)}
         if not after:                    # overlap only: its GPT and e2e are the row's
             row["decode"] = "overlap"
         if over and after:

@@ -336,10 +336,11 @@ case "${1:-}" in
   thrucores)
     # One card: ChatTTS against stock at batch 512 (GPT, then decode after it), both with the engine
     # core in-process (every throughput row until 2026-11-29), then both with it in its own process
-    # (vLLM's default), same call. S s limit per run (default 280).
+    # (vLLM's default), same call. S s limit per run (default 280); CORES (default "inproc own") and
+    # REPEATS (each rate the median of that many rounds, stock's too) from the caller.
     for core in ${CORES:-inproc own}; do
       card0 timeout $((${2:-280} + 10)) $py benchmarks/bench_throughput.py --batches 512 --decode after \
-          --core $core --time-limit ${2:-280} --tag "core-$core" > $W/thru-$core.log 2>&1
+          --core $core --repeats ${REPEATS:-1} --time-limit ${2:-280} --tag "core-$core" > $W/thru-$core.log 2>&1
       echo "rc $?" >> $W/thru-$core.log; gpu_free
     done
     for core in ${CORES:-inproc own}; do echo "== core $core"; quiet $W/thru-$core.log | grep -A2 "^ batch"

@@ -269,8 +269,11 @@ class FrameReader:
                 try:
                     # Never map past the end: touching such a page would be SIGBUS, not an error.
                     if os.fstat(fd).st_size >= stop * self.record:
-                        m = mmap.mmap(fd, stop * self.record, flags=mmap.MAP_PRIVATE,
-                                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                        try:
+                            m = mmap.mmap(fd, stop * self.record, flags=mmap.MAP_PRIVATE,
+                                          prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                        except OSError:   # e.g. vm.max_map_count reached by a huge batch: copy
+                            return self.read_records(0, stop, timeout=max(0.0, deadline - time.monotonic()))
                         rec = np.frombuffer(m, np.int32).reshape(stop, words)
                         if np.array_equal(rec[:, 0], want):
                             return rec

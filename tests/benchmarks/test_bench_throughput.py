@@ -65,3 +65,16 @@ def test_core_choice_sets_the_children_environment():
     bench = _bench()
     assert bench.in_process(bench.child_env(False, None, "inproc"))
     assert not bench.in_process(bench.child_env(False, None, "own"))
+
+
+def test_a_repeated_sweep_row_is_its_median_round_with_every_rate():
+    bench = _bench()
+    rounds = [dict(batch=512, repeat=i, gpt_audio_s_per_s=g, e2e_audio_s_per_s=e, gpt_s=t)
+              for i, (g, e, t) in enumerate([(900, 850, 5.0), (1100, 1000, 4.1), (1000, 930, 4.5)])]
+    (mid,) = bench.median_round(rounds)
+    assert (mid["gpt_audio_s_per_s"], mid["e2e_audio_s_per_s"], mid["gpt_s"]) == (1000, 930, 4.5)
+    assert mid["gpt_rounds_audio_s_per_s"] == [900, 1100, 1000]
+    assert mid["e2e_rounds_audio_s_per_s"] == [850, 1000, 930]
+    (low,) = bench.median_round(rounds[:2])              # even count: the lower middle, a real round
+    assert low["gpt_audio_s_per_s"] == 900
+    assert bench.median_round(rounds[:1]) == rounds[:1] and bench.median_round([]) == []

@@ -170,3 +170,26 @@ def test_collected_results_match_the_frames_and_survive_cleanup():
             w.write(i, codes[i], hidden[i])
         w.close()
         collect_code_result(key, [int(c) + 1 for c in codes[:, 0]])
+
+
+def test_mapped_records_fall_back_to_a_copy_when_mapping_fails(monkeypatch):
+    import mmap as mmap_module
+
+    from chattts_vllm.runners import outputs
+
+    key = new_key()
+    codes, hidden = random_frames(5)
+    w = FrameWriter(key)
+    for i in range(5):
+        w.write(i, codes[i], hidden[i])
+    w.close()
+
+    def no_map(*a, **k):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(outputs.mmap, "mmap", no_map)
+    rec = FrameReader(key).map_records(5)
+    monkeypatch.setattr(outputs.mmap, "mmap", mmap_module.mmap)
+    np.testing.assert_array_equal(rec[:, 1:5], codes)
+    np.testing.assert_array_equal(rec[:, 5:].view(np.float32), hidden)
+    FrameReader(key).close()
