@@ -273,7 +273,8 @@ class FrameReader:
                             m = mmap.mmap(fd, stop * self.record, flags=mmap.MAP_PRIVATE,
                                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
                         except OSError:   # e.g. vm.max_map_count reached by a huge batch: copy
-                            return self.read_records(0, stop, timeout=max(0.0, deadline - time.monotonic()))
+                            left = max(0.0, deadline - time.monotonic())
+                            return self.read_records(0, stop, timeout=left)
                         rec = np.frombuffer(m, np.int32).reshape(stop, words)
                         if np.array_equal(rec[:, 0], want):
                             return rec

@@ -22,6 +22,7 @@ from vllm.logger import init_logger
 
 logger = init_logger(__name__)
 
+
 def enabled() -> bool:
     """CHATTTS_VLLM_OWN_LISTENER (default on): 0 keeps vLLM's one shared socket."""
     return os.environ.get("CHATTTS_VLLM_OWN_LISTENER", "1").strip().lower() not in ("0", "false", "no", "off")
