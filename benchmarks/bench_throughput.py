@@ -199,14 +199,15 @@ def child_engine(args) -> None:
                 from chattts_vllm.serving.overlap import OverlappedDecode
 
                 watcher = OverlappedDecode(audio)
-                res = tts.infer_code(texts, ps, use_tqdm=False, watcher=watcher)
+                res = tts.infer_code(texts, ps, use_tqdm=False, watcher=watcher, mapped=True)
                 t_gpt = time.time()
                 samples = sum(len(w) for w in watcher.finish(res))
                 if cuda:
                     torch.cuda.synchronize()
                 out["streamed_frames"] = sum(g.pushed * len(g.rows) for g in watcher.groups)
             else:
-                res = tts.infer_code(texts, ps, use_tqdm=False)
+                # As `ChatTTS.synthesize` collects results it decodes at once: mapped, not copied.
+                res = tts.infer_code(texts, ps, use_tqdm=False, mapped=True)
                 t_gpt = time.time()
                 frames_out = [(x.codes, x.hidden) for x in res]
                 if plan.get("profile_decode"):

@@ -81,8 +81,12 @@ class ChatTTS:
     def infer_code(self, texts: Sequence[str],
                    params: InferCodeParams | Sequence[InferCodeParams] | None = None,
                    *, voices: Sequence | None = None, use_tqdm: bool = True,
-                   watcher: FrameWatcher | None = None) -> list[CodeResult]:
+                   watcher: FrameWatcher | None = None, mapped: bool = False) -> list[CodeResult]:
         """Codes and hidden states per text. `voices` (one per text) override `params.spk_emb`.
+
+        `mapped`: the hidden states are views of the mapped frame files instead of copies (about
+        2.5x faster to collect on the CPU box), for a caller that decodes and drops them at once;
+        meanwhile they hold their space in the frame directory (tmpfs).
 
         `watcher.start(keys)` gets the requests' frame-file keys before the engine runs them and
         `watcher.stop()` comes once it is done, before the files go (serving/overlap.py)."""
@@ -104,8 +108,8 @@ class ChatTTS:
             # Reading back is syscalls and large copies that release the GIL, so a few threads
             # share a big batch (512 x 10 s is ~740 MB of records) instead of one reading it all.
             with ThreadPoolExecutor(max_workers=min(8, max(1, len(reqs) // 16))) as pool:
-                return list(pool.map(lambda r, o: collect_code_result(r.sink, o.outputs[0].token_ids),
-                                     reqs, outs))
+                return list(pool.map(lambda r, o: collect_code_result(r.sink, o.outputs[0].token_ids,
+                                                                      mapped=mapped), reqs, outs))
         finally:
             for r in reqs:  # no-op for collected results; removes files of failed ones
                 FrameReader(r.sink).close()
@@ -162,8 +166,9 @@ class ChatTTS:
             sentences = self.refine_text(sentences, [f[3] for f in flat])
         models = self.audio_models()
         watcher = OverlappedDecode(models, use_decoder) if overlap_decode else None
+        # Decoded right below and dropped: the frames need not be copied out of their files.
         results = self.infer_code(sentences, [f[1] for f in flat], voices=[f[2] for f in flat],
-                                  use_tqdm=use_tqdm, watcher=watcher)
+                                  use_tqdm=use_tqdm, watcher=watcher, mapped=True)
         if watcher is not None:
             wavs = watcher.finish(results)
         else:

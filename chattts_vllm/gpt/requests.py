@@ -98,16 +98,24 @@ def num_frames(token_ids) -> int:
     return n - 1 if n and token_ids[-1] == AUDIO_EOS else n
 
 
-def collect_code_result(sink: str, token_ids, *, remove: bool = True) -> CodeResult:
+def collect_code_result(sink: str, token_ids, *, remove: bool = True,
+                        mapped: bool = False) -> CodeResult:
+    """The request's frames from its side-channel file (removed after, unless `remove=False`).
+
+    `mapped`: the hidden states stay a (strided) view of the mapped records, with no copy of
+    ~1.4 MB per 10 s utterance, for a caller that decodes them at once: until the result is
+    dropped the removed file's pages still occupy the frame directory (tmpfs)."""
     reader = FrameReader(sink)
     try:
         n = num_frames(token_ids)
-        # The hidden states stay a (strided) view of the mapped records: no copy of ~1.4 MB per
-        # 10 s utterance; the small codes are copied out.
-        codes, hidden = record_fields(reader.map_records(n))
+        if mapped:
+            codes, hidden = record_fields(reader.map_records(n))
+            codes = codes.copy()
+        else:
+            codes, hidden = reader.read(0, n)
         if n and not np.array_equal(codes[:, 0], np.asarray(token_ids[:n])):
             raise RuntimeError("frame side channel out of step with the engine's token stream")
-        return CodeResult(codes.copy(), hidden, eos=bool(token_ids) and token_ids[-1] == AUDIO_EOS)
+        return CodeResult(codes, hidden, eos=bool(token_ids) and token_ids[-1] == AUDIO_EOS)
     finally:
         if remove:
             reader.close()

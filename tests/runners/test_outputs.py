@@ -157,19 +157,26 @@ def test_collected_results_match_the_frames_and_survive_cleanup():
     for i in range(30):
         w.write(i, codes[i], hidden[i])
     w.close()
-    res = collect_code_result(key, [int(c) for c in codes[:, 0]])
+    res = collect_code_result(key, [int(c) for c in codes[:, 0]], mapped=True)
     assert not FrameReader(key).path.exists()
     np.testing.assert_array_equal(res.codes, codes)
-    assert res.codes.flags.c_contiguous
+    assert res.codes.flags.c_contiguous and not res.hidden.flags.c_contiguous   # a view
     np.testing.assert_array_equal(res.hidden, hidden)
     import torch
     np.testing.assert_array_equal(torch.from_numpy(res.hidden).numpy(), hidden)
+    w = FrameWriter(key)
+    for i in range(30):
+        w.write(i, codes[i], hidden[i])
+    w.close()
+    copied = collect_code_result(key, [int(c) for c in codes[:, 0]])      # the default: copies
+    assert copied.hidden.flags.c_contiguous and copied.hidden.flags.owndata
+    np.testing.assert_array_equal(copied.hidden, hidden)
     with pytest.raises(RuntimeError, match="out of step"):
         w = FrameWriter(key)
         for i in range(30):
             w.write(i, codes[i], hidden[i])
         w.close()
-        collect_code_result(key, [int(c) + 1 for c in codes[:, 0]])
+        collect_code_result(key, [int(c) + 1 for c in codes[:, 0]], mapped=True)
 
 
 def test_mapped_records_fall_back_to_a_copy_when_mapping_fails(monkeypatch):
