@@ -50,12 +50,16 @@ def test_every_api_process_serves_the_same_audio(two_front_ends):
         streamed = list(pool.map(one, [True] * 12))
         whole = list(pool.map(one, [False] * 4))
     assert len(streamed[0]) >= 2 * (FRAMES - 1) * 512      # pcm int16, ~512 samples per frame
-    # Whichever process served it: the same bytes for the same kind of response; streamed
-    # against whole within the ~1e-4 (3 of 32767) that the incremental decode may differ by
-    # (test_speech_server.test_streamed_audio_equals_non_streamed).
-    assert all(s == streamed[0] for s in streamed) and all(w == whole[0] for w in whole)
+    # Whichever process served it, and whatever shared its engine steps: the same audio, up to
+    # the ~1e-4 (3 of 32767) that the incremental decode may differ by from the whole one
+    # (test_speech_server.test_streamed_audio_equals_non_streamed), which also covers the float
+    # noise of the GPT's hidden states in different batch compositions (test_inproc: codes
+    # identical, audio within 1e-4). Same length: the same frames were sampled.
     ref = np.frombuffer(whole[0], "<i2").astype(np.int32)
-    assert np.abs(np.frombuffer(streamed[0], "<i2") - ref).max() <= 3
+    pcm = [np.frombuffer(b, "<i2").astype(np.int32) for b in streamed + whole]
+    assert all(len(x) == len(ref) for x in pcm), [len(x) for x in pcm]
+    diffs = [int(np.abs(x - ref).max()) for x in pcm]
+    assert max(diffs) <= 3, diffs
 
     served_by = set(re.findall(r"\(ApiServer_(\d+) pid=\d+\).*POST /v1/audio/speech", log.read_text()))
     assert served_by == {"0", "1"}
