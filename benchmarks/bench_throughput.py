@@ -736,13 +736,13 @@ def main() -> None:
                 num_layers=args.num_layers, dtype=args.dtype, engine_core=core)
     rows = []
     drop = ("engines", "shares", "per_engine_gpt_s", "per_engine_decode_s", "start_skew_s", "e2e_s", "mps",
-            "decode", "streamed_frames")
+            "decode", "streamed_frames", "repeat")
     for b in args.batches:
         after = median_round([r for r in sweep if r["batch"] == b and r["decode"] == "after"])
         over = median_round([r for r in sweep if r["batch"] == b and r["decode"] == "overlap"])
         if not after and not over:
             continue
-        row = {k: v for k, v in (after or over)[0].items() if k not in drop + ("repeat",)}
+        row = {k: v for k, v in (after or over)[0].items() if k not in drop}
         if not after:                    # overlap only: its GPT and e2e are the row's
             row["decode"] = "overlap"
         if over and after:

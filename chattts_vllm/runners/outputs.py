@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -220,10 +221,11 @@ class FrameReader:
         if rec.shape != (n, self.record // 4) or not rec.flags.c_contiguous:
             raise ValueError(f"out must be a C-contiguous [{n}, {self.record // 4}] array")
         want = np.arange(start + 1, stop + 1, dtype=np.int32)
-        deadline, delay = time.monotonic() + timeout, 5e-5
+        attempts = self._attempts(stop, timeout)
         done, fd = 0, -1                  # records [0, done) of the range are read and marked
         try:
             while done < n:
+                next(attempts)
                 if fd < 0:
                     try:
                         fd = os.open(self.path, os.O_RDONLY)
@@ -231,18 +233,23 @@ class FrameReader:
                         pass
                 if fd >= 0:
                     done = self._fill(fd, rec, start, done, want)
-                    if done == n:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"frame side channel {self.path} holds fewer than {stop} frames")
-                time.sleep(delay)
-                # The sink is about one step behind: poll at most 1 ms apart, so a wait overshoots
-                # the write by under 1 ms (a stream's first chunk pays this in its time to first audio).
-                delay = min(delay * 2, 1e-3)
         finally:
             if fd >= 0:
                 os.close(fd)
         return rec
+
+    def _attempts(self, stop: int, timeout: float) -> Iterator[float]:
+        """Yields the seconds left, once per attempt at frames up to `stop`; before each attempt
+        but the first it sleeps, and it raises once `timeout` has passed."""
+        deadline, delay = time.monotonic() + timeout, 5e-5
+        while True:
+            yield max(0.0, deadline - time.monotonic())
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"frame side channel {self.path} holds fewer than {stop} frames")
+            time.sleep(delay)
+            # The sink is about one step behind: poll at most 1 ms apart, so a wait overshoots
+            # the write by under 1 ms (a stream's first chunk pays this in its time to first audio).
+            delay = min(delay * 2, 1e-3)
 
     def map_records(self, stop: int, timeout: float = 10.0) -> np.ndarray:
         """Records [0, stop) as `read_records` returns them, but without copying: a view of a
@@ -259,8 +266,7 @@ class FrameReader:
         if stop <= 0:
             return np.zeros((0, words), np.int32)
         want = np.arange(1, stop + 1, dtype=np.int32)
-        deadline, delay = time.monotonic() + timeout, 5e-5
-        while True:
+        for left in self._attempts(stop, timeout):
             try:
                 fd = os.open(self.path, os.O_RDONLY)
             except FileNotFoundError:
@@ -273,7 +279,6 @@ class FrameReader:
                             m = mmap.mmap(fd, stop * self.record, flags=mmap.MAP_PRIVATE,
                                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
                         except OSError:   # e.g. vm.max_map_count reached by a huge batch: copy
-                            left = max(0.0, deadline - time.monotonic())
                             return self.read_records(0, stop, timeout=left)
                         rec = np.frombuffer(m, np.int32).reshape(stop, words)
                         if np.array_equal(rec[:, 0], want):
@@ -282,10 +287,7 @@ class FrameReader:
                         m.close()
                 finally:
                     os.close(fd)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"frame side channel {self.path} holds fewer than {stop} frames")
-            time.sleep(delay)
-            delay = min(delay * 2, 1e-3)
+        raise AssertionError("unreachable: _attempts raises at the deadline")
 
     def has(self, index: int) -> bool:
         """Whether record `index` is written (frames are written in order, so all before it are).
