@@ -215,6 +215,7 @@ def child_engine(args) -> None:
                 else:
                     samples = decode(audio, frames_out, cuda)
             t_end = time.time()
+            out["gpt_phases_s"] = {k: round(v, 3) for k, v in tts.last_timing.items()}
             out.update(frames=sum(x.num_frames for x in res), samples=samples, t_go=t_go,
                        t_start=t_start, t_gpt_end=t_gpt, t_end=t_end, gpt_s=t_gpt - t_start,
                        decode_s=t_end - t_gpt)
@@ -433,6 +434,8 @@ def run_engine_set(args, model: Path, eset: dict, work: Path, env: dict, deadlin
                        e2e_audio_s_per_s=n / FPS / e2e_wall,
                        per_engine_gpt_s=[round(o["gpt_s"], 3) for o in act],
                        per_engine_decode_s=[round(o["decode_s"], 3) for o in act],
+                       # Each engine's GPT time by phase (requests built / engine / read back).
+                       per_engine_gpt_phases_s=[o.get("gpt_phases_s") for o in act],
                        **({"streamed_frames": sum(o["streamed_frames"] for o in act)}
                           if rnd.get("decode") == "overlap" else {}),
                        **({"decode_profile": [o.get("decode_profile") for o in act]}
@@ -447,7 +450,8 @@ def run_engine_set(args, model: Path, eset: dict, work: Path, env: dict, deadlin
             log(f"round engines={row['engines']} batch={row['batch']} decode={row['decode']} "
                 f"repeat={rnd.get('repeat', 0)}: "
                 f"gpt {row['gpt_audio_s_per_s']:.1f}, "
-                f"e2e {row['e2e_audio_s_per_s']:.1f} audio-s/s (gpt {gpt_wall:.2f} s, e2e {e2e_wall:.2f} s)")
+                f"e2e {row['e2e_audio_s_per_s']:.1f} audio-s/s (gpt {gpt_wall:.2f} s, e2e {e2e_wall:.2f} s; "
+                f"phases {row['per_engine_gpt_phases_s']})")
     except (RuntimeError, TimeoutError) as e:
         log(f"engine set stopped early: {e}")
         for p in procs:
@@ -743,6 +747,8 @@ def main() -> None:
         if not after and not over:
             continue
         row = {k: v for k, v in (after or over)[0].items() if k not in drop}
+        if row.get("per_engine_gpt_phases_s"):              # one engine: its phases, unlisted
+            row["gpt_phases_s"] = row.pop("per_engine_gpt_phases_s")[0]
         if not after:                    # overlap only: its GPT and e2e are the row's
             row["decode"] = "overlap"
         if over and after:

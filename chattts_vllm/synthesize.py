@@ -9,6 +9,7 @@ goes into one engine batch, and each text's sentences are decoded and concatenat
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -55,6 +56,9 @@ class ChatTTS:
         args = {**DEFAULT_ENGINE_ARGS, **engine_args}
         self.llm = LLM(model=str(self.model_dir), **args)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        # Seconds of the last `infer_code` by phase (requests built, engine, frames read back):
+        # the throughput benchmark records them, since a slow batch is slow in one of the three.
+        self.last_timing: dict[str, float] = {}
 
     def close(self) -> None:
         """Stop the engine core. Where it runs in its own process (vLLM's default), a caller that
@@ -90,12 +94,14 @@ class ChatTTS:
 
         `watcher.start(keys)` gets the requests' frame-file keys before the engine runs them and
         `watcher.stop()` comes once it is done, before the files go (serving/overlap.py)."""
+        t0 = time.perf_counter()
         ps = _per_text(params, len(texts), InferCodeParams)
         speakers = [self.voice(v) for v in voices] if voices is not None else [None] * len(texts)
         if len(speakers) != len(texts):
             raise ValueError(f"got {len(speakers)} voices for {len(texts)} texts")
         reqs = [code_request(self.tokenizer, t, p, speaker=s, max_model_len=self.max_model_len)
                 for t, p, s in zip(texts, ps, speakers)]
+        t1 = time.perf_counter()
         try:
             if watcher is not None:
                 watcher.start([r.sink for r in reqs])
@@ -105,11 +111,15 @@ class ChatTTS:
             finally:
                 if watcher is not None:
                     watcher.stop()
+            t2 = time.perf_counter()
             # Reading back is syscalls and large copies that release the GIL, so a few threads
             # share a big batch (512 x 10 s is ~740 MB of records) instead of one reading it all.
             with ThreadPoolExecutor(max_workers=min(8, max(1, len(reqs) // 16))) as pool:
-                return list(pool.map(lambda r, o: collect_code_result(r.sink, o.outputs[0].token_ids,
-                                                                      mapped=mapped), reqs, outs))
+                results = list(pool.map(lambda r, o: collect_code_result(
+                    r.sink, o.outputs[0].token_ids, mapped=mapped), reqs, outs))
+            self.last_timing = {"requests_s": t1 - t0, "generate_s": t2 - t1,
+                                "collect_s": time.perf_counter() - t2}
+            return results
         finally:
             for r in reqs:  # no-op for collected results; removes files of failed ones
                 FrameReader(r.sink).close()
