@@ -48,6 +48,8 @@
 #   bash scripts/gpu-plan.sh tests1     # one card: GPU tests of the newest serving / sink code  (~6 min)
 #   bash scripts/gpu-plan.sh thrucores  # one card: ChatTTS vs stock, batch 512, core in-process then own (~8 min)
 #   bash scripts/gpu-plan.sh bursts N S # one card: TTFA, N API servers under MPS, 1 and 8 client processes (~4 min)
+#   bash scripts/gpu-plan.sh burststacks N S # one card: bursts only, every server process's stacks sampled (~4 min)
+#   bash scripts/gpu-plan.sh bursttl N S # one card: bursts only, the server's timeline and its report (~4 min)
 #   bash scripts/gpu-plan.sh profileq   # one card: per-step host time, ChatTTS (with/without export) and stock (~5 min)
 #   bash scripts/gpu-plan.sh measure    # card 0: throughput + stock, then the ChatTTS host   (~9 min)
 #                                       #         profile (per step vs per batch)
@@ -333,6 +335,29 @@ case "${1:-}" in
         --rounds 3 --client-procs 1 8 --tag "asc${2:-8}-mps-procs" > /dev/null 2>&1
     mv $W/bench-serving.log "$W/bench-serving-procs.log"; gpu_free
     quiet $W/bench-serving-procs.log | grep -A14 "mode  conc" ;;
+  burststacks)
+    # One card: bursts only (64 simultaneous arrivals, 8 client processes), N API processes under
+    # MPS, every server process's Python stacks sampled every 2 ms: where the engine core and the
+    # API processes spend a burst's host time (engine TTFT 95 ms against 22 ms staggered).
+    CHATTTS_VLLM_STACK_SAMPLE=$W/stacks CHATTTS_VLLM_STACK_SAMPLE_MS=2 SERVE_MPS=1 \
+        SERVE_EXTRA="--api-server-count ${2:-8}" SERVING_TIMEOUT=${3:-240} OUT=$W card0 \
+        bash scripts/gpu-check.sh serving --first-chunk-frames 6 --arrivals lockstep --rounds 5 \
+        --client-procs 8 --tag "asc${2:-8}-mps-stacks" > /dev/null 2>&1
+    mv $W/bench-serving.log "$W/bench-serving-stacks.log"; gpu_free
+    cat $W/stacks.*.txt > $W/server-stacks.log 2>/dev/null; rm -f $W/stacks.*.txt
+    quiet $W/bench-serving-stacks.log | grep -A6 "mode  conc"
+    grep -h "^pid \|^-- thread\|^   [a-z]" $W/server-stacks.log | cut -c1-100 | head -70 ;;
+  bursttl)
+    # One card: bursts only (8 client processes), N API processes under MPS, with the server's
+    # timeline on (chattts_vllm/timeline.py): each request's first audio split by stage across
+    # the processes, and the engine's steps through the median burst (timeline_report.py).
+    CHATTTS_VLLM_TIMELINE=$W/timeline SERVE_MPS=1 SERVE_EXTRA="--api-server-count ${2:-8}" \
+        SERVING_TIMEOUT=${3:-240} OUT=$W card0 bash scripts/gpu-check.sh serving --first-chunk-frames 6 \
+        --arrivals lockstep --rounds 4 --client-procs 8 --tag "asc${2:-8}-mps-timeline" > /dev/null 2>&1
+    mv $W/bench-serving.log "$W/bench-serving-timeline.log"; gpu_free
+    quiet $W/bench-serving-timeline.log | grep -A6 "mode  conc"
+    $py benchmarks/timeline_report.py $W/timeline --json $W/timeline-report.json 2>&1 | tail -60
+    tar czf $W/timeline.tgz -C $W timeline && rm -rf $W/timeline ;;
   thrucores)
     # One card: ChatTTS against stock at batch 512 (GPT, then decode after it), both with the engine
     # core in-process (every throughput row until 2026-11-29), then both with it in its own process
@@ -355,7 +380,7 @@ case "${1:-}" in
     grep -h "^== " $W/profile-q*.log ;;
   ray)
     RAY_TIMEOUT=420 OUT=$W bash scripts/gpu-check.sh ray | tail -8 ;;
-  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile|fronts|fronts-mps|mpsfront|thru1|mpsengines|pinning|cores|best|warm|tests1|thrucores|profileq|bursts"; exit 2 ;;
+  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile|fronts|fronts-mps|mpsfront|thru1|mpsengines|pinning|cores|best|warm|tests1|thrucores|profileq|bursts|burststacks|bursttl"; exit 2 ;;
 esac
 find benchmarks/results -maxdepth 1 -newer "$stamp" \( -name '*.json' -o -name '*.png' \) -exec cp -f {} $W/ \;
 rm -f "$stamp"

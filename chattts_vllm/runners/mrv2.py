@@ -41,6 +41,7 @@ from chattts_vllm.runners.frame_glue import (commit_and_pack_torch, fused_glue_k
                                              token_embeddings_torch)
 from chattts_vllm.runners.outputs import FrameSink, record_size
 from chattts_vllm.runners.slot_values import StagedSlotValues, upload
+from chattts_vllm.timeline import timeline
 
 logger = logging.getLogger(__name__)
 MAX_PARKED = 256
@@ -80,6 +81,7 @@ class ChatTTSModelState(DefaultModelState):
         self.parked: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.sink = FrameSink(S, record_size(H) // 4)
         self.layout = LogitsLayout("text")
+        self.timeline = timeline("engine")                 # None unless CHATTTS_VLLM_TIMELINE
         model.frame_inputs = self
 
     # -- requests ----------------------------------------------------------------------------
@@ -92,6 +94,8 @@ class ChatTTSModelState(DefaultModelState):
             logger.warning("chattts: request %s has malformed chattts arguments; sampled greedily "
                            "as plain text", new_req_data.req_id)
             req = None
+        if self.timeline is not None and req is not None:
+            self.timeline.event("add", sink=req.sink)
         self.slot_of[new_req_data.req_id] = slot
         self.is_chattts_np[slot] = req is not None
         self.is_code_np[slot] = req is not None and req.mode == "code"
@@ -155,6 +159,8 @@ class ChatTTSModelState(DefaultModelState):
     def prepare_inputs(self, input_batch: InputBatch, req_states: RequestState) -> dict[str, Any]:
         out = super().prepare_inputs(input_batch, req_states)
         n = input_batch.num_tokens
+        if self.timeline is not None:
+            self.timeline.event("step", rows=input_batch.num_reqs, tokens=n)
         ids, pos = input_batch.input_ids[:n], input_batch.positions[:n]
         slot = self._slot_of_tokens(input_batch, n)
         state = (self.is_code, self.text_len, self.spk_pos, self.spk_vec, self.codes, self.trash)
@@ -223,6 +229,8 @@ class ChatTTSSampler:
         if not code_rows.all():
             text = self._sample_text(logits, slot, pos, slots_np)
             sampled = text if sampled is None else torch.where(st.is_code[slot], sampled, text)
+        if st.timeline is not None:
+            st.timeline.event("sampled")                # host side: the step's launches are queued
         return SamplerOutput(sampled_token_ids=sampled.view(-1, 1), logprobs_tensors=None,
                              num_nans=None, num_sampled=num_sampled, num_rejected=num_rejected)
 

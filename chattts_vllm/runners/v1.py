@@ -33,6 +33,7 @@ from chattts_vllm.gpt.model import LogitsLayout, TokenInputs, live_model, split_
 from chattts_vllm.gpt.sampling import RowParams, sample
 from chattts_vllm.params import EngineRequest
 from chattts_vllm.runners.outputs import FrameWriter, frame_path
+from chattts_vllm.timeline import timeline
 
 logger = logging.getLogger(__name__)
 MAX_PARKED = 1024
@@ -104,6 +105,7 @@ class V1BatchState:
         # frame history agrees with the engine's own token list (frame j's engine token is code 0).
         self.check_rows = check_rows
         self.retired_by_move = 0     # how often a one-way move vacated an occupied row (tests)
+        self.timeline = timeline("engine")                 # None unless CHATTTS_VLLM_TIMELINE
 
     # -- batch bookkeeping -------------------------------------------------------------------
     def update(self, batch_update: BatchUpdate | None) -> None:
@@ -116,6 +118,8 @@ class V1BatchState:
             state = self._make_state(params, prompt_ids or [], output_ids)
             if state is not None:
                 self.rows[index] = state
+                if self.timeline is not None:
+                    self.timeline.event("add", sink=state.req.sink)
         for src, dst, direction in batch_update.moved:
             a, b = self.rows.pop(src, None), self.rows.pop(dst, None)
             if a is not None:
@@ -171,6 +175,8 @@ class V1BatchState:
         if qsl is None:
             return None
         n = input_ids.shape[0]
+        if self.timeline is not None:
+            self.timeline.event("step", rows=len(qsl) - 1, tokens=n)
         pos = positions.cpu().numpy()
         codes = np.full((n, NUM_VQ), -1, dtype=np.int64)
         spk_mask = torch.zeros(n, dtype=torch.bool)
@@ -216,6 +222,8 @@ class V1BatchState:
             ids = torch.tensor(list(emit.values()), dtype=torch.int64, device=logits.device)
             logits[rows] = float("-inf")
             logits[rows, ids] = 0.0
+        if self.timeline is not None:
+            self.timeline.event("sampled")
         return logits
 
     def _row_params(self, states: list[RequestFrames], per_row: int) -> RowParams:

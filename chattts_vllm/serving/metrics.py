@@ -20,6 +20,8 @@ import weakref
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from chattts_vllm.timeline import timeline, wall
+
 TTFA = Histogram(
     "chattts_speech_time_to_first_audio_seconds",
     "Streamed /v1/audio/speech requests: from the request's start to its first audio bytes.",
@@ -73,3 +75,9 @@ def observe_first_audio(t0: float, job) -> None:
                         ("engine", job.submitted_at, job.first_frames_at),
                         ("decode", job.first_frames_at, job.first_audio_at)):
         FIRST_AUDIO_STAGES.labels(stage=stage).observe(max(0.0, b - a))
+    if (tl := timeline("api")) is not None:
+        # Wall-clock stamps, joined with the engine's steps by benchmarks/timeline_report.py.
+        first = job.utterances[0]
+        tl.event("first_audio", sink=first.sink, start=wall(t0), submitted=wall(job.submitted_at),
+                 first_output=wall(first.first_output_at) if first.first_output_at else None,
+                 frames=wall(job.first_frames_at), audio=wall(job.first_audio_at))

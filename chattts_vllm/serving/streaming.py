@@ -153,6 +153,7 @@ class Utterance:
     """One code-pass request: frames reported so far, finished or failed."""
 
     def __init__(self, engine, ep: EnginePrompt, request_id: str, final_only: bool = False):
+        self.sink = ep.sink
         self.reader = FrameReader(ep.sink)
         ep = replace(ep, sampling_params=ep.sampling_params.clone())
         # final_only: nobody reads frames before the end, so the engine builds and delivers no
@@ -165,6 +166,7 @@ class Utterance:
         self.prompt_tokens = len(ep.prompt["prompt_token_ids"])
         self.token_ids: list[int] = []
         self.frames = 0
+        self.first_output_at: float | None = None   # perf_counter: the engine's first output came
         self.done = False
         self.error: BaseException | None = None
         self._changed = asyncio.Event()
@@ -174,6 +176,8 @@ class Utterance:
     async def _follow(self, engine, ep: EnginePrompt, request_id: str) -> None:
         try:
             async for out in engine.generate(ep.prompt, ep.sampling_params, request_id):
+                if self.first_output_at is None:
+                    self.first_output_at = time.perf_counter()
                 if self.cumulative:
                     self.token_ids = list(out.outputs[0].token_ids)
                 else:

@@ -39,6 +39,7 @@ class Server:
     model_dir: Path
     frame_dir: Path
     log: Path
+    timeline_dir: Path | None = None
 
     def speech(self, **body) -> requests.Response:
         return requests.post(f"{self.url}/v1/audio/speech", json={"model": MODEL, **body}, timeout=300)
@@ -78,7 +79,9 @@ def server(serving_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
     argv, env, port = cpu_serve_command(serving_model_dir, root, "--max-num-seqs", "64",
                                         "--enable-log-requests", "--max-log-len", "8")
-    srv = Server(f"http://127.0.0.1:{port}", serving_model_dir, root / "frames", root / "serve.log")
+    env["CHATTTS_VLLM_TIMELINE"] = str(root / "timeline")       # chattts_vllm/timeline.py
+    srv = Server(f"http://127.0.0.1:{port}", serving_model_dir, root / "frames", root / "serve.log",
+                 root / "timeline")
     with live_server(argv, env, srv.log, f"{srv.url}/health"):
         yield srv
 

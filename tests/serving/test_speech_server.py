@@ -215,3 +215,35 @@ def test_speech_metrics_on_the_metrics_endpoint(server):
         pytest.approx(len(pcm) / 2 / SR, rel=1e-6)
     assert server.metric("chattts_speech_requests_total") >= bad_before + 2
     assert server.metric('chattts_speech_requests_total{outcome="ok",stream="true"}') == ok_before + 1
+
+
+def test_timeline_splits_a_streamed_request_across_the_processes(server):
+    """With CHATTTS_VLLM_TIMELINE, the API process's first-audio stamps and the engine's admission
+    and steps join by frame file: every stage of the request is there, in order, and the engine
+    stepped for it (benchmarks/timeline_report.py reads the same files)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import timeline_report
+
+    t_before = time.time()
+    with requests.post(f"{server.url}/v1/audio/speech", json={
+            "model": MODEL, "input": TEXT, "response_format": "pcm", "stream_format": "audio",
+            "stream_first_chunk_frames": 6, **FIXED}, stream=True, timeout=300) as r:
+        assert r.status_code == 200
+        b"".join(r.iter_content(None))
+    deadline, mine = time.time() + 10, []
+    while not mine and time.time() < deadline:
+        time.sleep(0.6)                       # the files are flushed every half second
+        reqs, steps, _ = timeline_report.load(server.timeline_dir)
+        mine = [q for q in reqs if q["start"] >= t_before]
+    assert len(mine) == 1, mine
+    q = mine[0]
+    stamps = [q[k] for k in ("start", "submitted", "add", "first_output", "frames", "audio")]
+    assert stamps == sorted(stamps), q
+    ms = timeline_report.stage_ms(q)
+    assert ms["ttfa"] == pytest.approx(sum(ms[s] for s, _, _ in timeline_report.STAGES), abs=1e-6)
+    during = [s for s in steps if q["add"] <= s["t"] <= q["frames"]]
+    assert len(during) >= 6                     # the prefill, then one step per frame of the chunk
+    assert all(s["rows"] >= 1 and s["tokens"] >= 1 and s["host_ms"] >= 0 for s in during)
