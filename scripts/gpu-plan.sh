@@ -50,6 +50,7 @@
 #   bash scripts/gpu-plan.sh bursts N S # one card: TTFA, N API servers under MPS, 1 and 8 client processes (~4 min)
 #   bash scripts/gpu-plan.sh burststacks N S # one card: bursts only, every server process's stacks sampled (~4 min)
 #   bash scripts/gpu-plan.sh bursttl N S # one card: bursts only, the server's timeline and its report (~4 min)
+#   bash scripts/gpu-plan.sh bursttlab N S1 S2 # one card: bursttl with vLLM's graph sizes, then ChatTTS's (~6 min)
 #   bash scripts/gpu-plan.sh profileq   # one card: per-step host time, ChatTTS (with/without export) and stock (~5 min)
 #   bash scripts/gpu-plan.sh measure    # card 0: throughput + stock, then the ChatTTS host   (~9 min)
 #                                       #         profile (per step vs per batch)
@@ -358,6 +359,23 @@ case "${1:-}" in
     quiet $W/bench-serving-timeline.log | grep -A6 "mode  conc"
     $py benchmarks/timeline_report.py $W/timeline --json $W/timeline-report.json 2>&1 | tail -60
     tar czf $W/timeline.tgz -C $W timeline && rm -rf $W/timeline ;;
+  bursttlab)
+    # One card: bursts of 64 (8 client processes) with the server's timeline, N API processes
+    # under MPS; first with vLLM's default graph sizes (up to 256 tokens, so a burst's prefill
+    # steps ran eagerly), then with ChatTTS's default (up to 2,048: piecewise graphs for them).
+    # S1 / S2 s limits.
+    for cfg in base graphs; do
+      extra="--api-server-count ${2:-8}"
+      [ $cfg = base ] && extra="$extra --compilation-config '{\"max_cudagraph_capture_size\":256}'"
+      lim=$([ $cfg = base ] && echo ${3:-200} || echo ${4:-170})
+      CHATTTS_VLLM_TIMELINE=$W/timeline-$cfg SERVE_MPS=1 SERVE_EXTRA="$extra" SERVING_TIMEOUT=$lim \
+          OUT=$W card0 bash scripts/gpu-check.sh serving --first-chunk-frames 6 --arrivals lockstep \
+          --rounds 3 --concurrency 64 --client-procs 8 --tag "asc${2:-8}-mps-tl-$cfg" > /dev/null 2>&1
+      mv $W/bench-serving.log "$W/bench-serving-$cfg.log"; gpu_free
+    done
+    for cfg in base graphs; do echo "== $cfg"; quiet $W/bench-serving-$cfg.log | grep -A2 "mode  conc"
+      $py benchmarks/timeline_report.py $W/timeline-$cfg --json $W/timeline-report-$cfg.json 2>&1 | head -16; done
+    tar czf $W/timelines.tgz -C $W timeline-base timeline-graphs 2>/dev/null; rm -rf $W/timeline-base $W/timeline-graphs ;;
   thrucores)
     # One card: ChatTTS against stock at batch 512 (GPT, then decode after it), both with the engine
     # core in-process (every throughput row until 2026-11-29), then both with it in its own process
@@ -380,7 +398,7 @@ case "${1:-}" in
     grep -h "^== " $W/profile-q*.log ;;
   ray)
     RAY_TIMEOUT=420 OUT=$W bash scripts/gpu-check.sh ray | tail -8 ;;
-  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile|fronts|fronts-mps|mpsfront|thru1|mpsengines|pinning|cores|best|warm|tests1|thrucores|profileq|bursts|burststacks|bursttl"; exit 2 ;;
+  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile|fronts|fronts-mps|mpsfront|thru1|mpsengines|pinning|cores|best|warm|tests1|thrucores|profileq|bursts|burststacks|bursttl|bursttlab"; exit 2 ;;
 esac
 find benchmarks/results -maxdepth 1 -newer "$stamp" \( -name '*.json' -o -name '*.png' \) -exec cp -f {} $W/ \;
 rm -f "$stamp"
