@@ -83,6 +83,25 @@ class ChatTTSModelState(DefaultModelState):
         self.layout = LogitsLayout("text")
         self.timeline = timeline("engine")                 # None unless CHATTTS_VLLM_TIMELINE
         model.frame_inputs = self
+        self._warm_commit_kernel()
+
+    def _warm_commit_kernel(self) -> None:
+        """Compile the commit kernel at start-up, with the argument types of a real step: vLLM's
+        warm-up requests are plain text rows, which never reach it, so the first ChatTTS request
+        compiled it (vLLM's JIT monitor flagged it in every server). No slot is a code slot yet,
+        so nothing is committed; the records rows it writes are rewritten every step."""
+        if self.glue is None:
+            return
+        dev, n = self.codes.device, 2
+        i64 = dict(dtype=torch.int64, device=dev)
+        try:
+            self.glue.commit_and_pack(
+                torch.zeros(n, NUM_VQ, **i64), self.codes, self.is_code, torch.zeros(n, **i64),
+                torch.zeros(n, **i64), torch.zeros(n, **i64), torch.ones(n, dtype=torch.int32, device=dev),
+                torch.zeros(n, self.records.shape[1] - 5, dtype=self.dtype, device=dev), self.trash,
+                AUDIO_EOS, records=self.records)
+        except Exception as e:  # a warm-up must not stop the engine: the first step compiles it
+            logger.warning("chattts: commit kernel warm-up failed (%s); the first request compiles it", e)
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, req_index: int, new_req_data: NewRequestData) -> None:

@@ -75,4 +75,8 @@ def test_concurrent_streams_equal_their_twins_and_solo_runs(gpu_server):
         assert a.shape == b.shape == (FRAMES * 512 - 256,), s
         assert np.abs(a - b).max() <= 2e-2 * scale, s
     assert np.abs(streamed[0] - solo).max() <= 2e-2 * scale
-    assert "Traceback" not in log.read_text(errors="replace")
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text
+    # Every kernel of the step compiled before the first request (vLLM's JIT monitor warns of a
+    # Triton compile during inference: a latency spike; the commit kernel did until warmed).
+    assert "JIT compilation during inference" not in text
