@@ -68,7 +68,7 @@ def code_request(tok: ChatTTSTokenizer, text: str, params: InferCodeParams, *,
         top_p=float(params.top_P), top_k=int(params.top_K),
         repetition_penalty=float(params.repetition_penalty), min_new_token=params.min_new_token,
         text_len=cp.text_len, spk_position=cp.spk_position,
-        speaker=normalize_speaker(speaker).tolist() if speaker is not None else None,
+        speaker=normalize_speaker(speaker).numpy().astype("<f4").tobytes() if speaker is not None else None,
         prompt_codes=cp.prompt_codes, sink=sink)
     sp = SamplingParams(
         temperature=0.0, stop_token_ids=[AUDIO_EOS], detokenize=False,

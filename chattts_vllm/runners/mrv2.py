@@ -132,7 +132,7 @@ class ChatTTSModelState(DefaultModelState):
                           seed=req.seed, text_len=req.text_len, prompt_len=prompt_len,
                           spk_pos=req.spk_position if req.speaker is not None else -1)
         if req.speaker is not None:
-            self.values.stage(slot, spk_vec=req.speaker)
+            self.values.stage(slot, spk_vec=req.speaker_vector())
         if req.prompt_codes:
             pc = torch.tensor(req.prompt_codes, dtype=torch.int32)
             self.codes[slot, req.text_len:req.text_len + len(pc)] = self.upload(pc)

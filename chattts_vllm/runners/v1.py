@@ -53,7 +53,7 @@ class RequestFrames:
         self.frames = np.zeros((max_tokens + 1, NUM_VQ), dtype=np.int16)
         self.prompt_codes = (np.asarray(req.prompt_codes, dtype=np.int64).reshape(-1, NUM_VQ)
                              if req.prompt_codes else None)
-        self.speaker = (torch.tensor(req.speaker, dtype=torch.float32)
+        self.speaker = (torch.from_numpy(req.speaker_vector().copy())
                         if req.speaker is not None and req.spk_position is not None else None)
         self.writer = (FrameWriter(req.sink, capacity=max_tokens)    # sized once
                        if self.is_code and req.sink else None)

@@ -77,5 +77,9 @@ def test_bad_input_raises_clearly_and_engine_keeps_serving(engine):
                                                  "min_new_token": 0, "text_len": 3}})
     with pytest.raises(ValueError):
         engine.llm.generate([{"prompt_token_ids": [21131, 21144, 21132]}], [bad], use_tqdm=False)
+    short_speaker = SamplingParams(temperature=0.0, max_tokens=4, extra_args={"chattts": {
+        **bad.extra_args["chattts"], "temperature": [1.0] * 4, "spk_position": 1, "speaker": [0.1] * 100}})
+    with pytest.raises(ValueError, match="768"):
+        engine.llm.generate([{"prompt_token_ids": [21131, 21144, 21132]}], [short_speaker], use_tqdm=False)
     after = engine.infer_code(["still fine"], [good], use_tqdm=False)[0]
     np.testing.assert_array_equal(before.codes, after.codes)
