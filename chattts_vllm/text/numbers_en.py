@@ -108,6 +108,11 @@ _RULES = [
     ("question", r"[?？…]+"),
 ]
 _PATTERN = re.compile("|".join(f"(?P<{name}>{rx})" for name, rx in _RULES))
+# Every rule above needs one of these to match: a digit, "@" or "www." (web), "-" or "/" (hyphen,
+# slash), a symbol, or "?？…". Most sentences have none, and for them the one search below replaces
+# the alternation's attempt at every position (0.33 of a 0.36 ms normalisation, on the API
+# server's event loop, for a plain 100-character sentence).
+_TRIGGER = re.compile(r"[\d@\-/?？…" + re.escape("".join(SYMBOLS)) + r"]|www\.")
 _SPACES = re.compile(r"\s+")
 _ASCII_ALNUM = re.compile(r"[A-Za-z0-9]")
 
@@ -278,5 +283,5 @@ def _pad(m: re.Match) -> str:
 
 def normalize_en(text: str) -> str:
     """Spell out every number and sayable symbol of an English text; digits never survive."""
-    out = _PATTERN.sub(_pad, text)
+    out = _PATTERN.sub(_pad, text) if _TRIGGER.search(text) else text
     return _SPACES.sub(" ", out)

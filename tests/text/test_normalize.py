@@ -224,3 +224,26 @@ def test_fuzz_no_digit_no_crash(norm):
             except EmptyTextError:
                 continue
             assert not re.search(r"[0-9]", TAG.sub("", out)), (text, lang, out)
+
+
+def test_en_texts_without_a_trigger_skip_the_rules_and_lose_nothing():
+    """normalize_en skips its rules when a text has no character any rule needs (numbers_en's
+    _TRIGGER): on random texts over an alphabet with every kind of character, the result equals
+    running every rule."""
+    import random
+
+    from chattts_vllm.text import numbers_en
+
+    def full(text: str) -> str:
+        return numbers_en._SPACES.sub(" ", numbers_en._PATTERN.sub(numbers_en._pad, text))
+
+    rng = random.Random(0)
+    alphabet = (list("abcdefghij ABC .,;:'\"()[]!") + ["www", ".com", "No", "am", "pm", "USD", "kg",
+                "Jan", "th", "s"] + list("0123456789@-/?？…#$€%&+=×~–") + ["١", "５"])
+    plain = 0
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
+        if not numbers_en._TRIGGER.search(text):
+            plain += 1
+        assert numbers_en.normalize_en(text) == full(text), text
+    assert plain > 300                   # the fast path was exercised, not only the rules
