@@ -363,8 +363,9 @@ case "${1:-}" in
     # One card: bursts of 64 (8 client processes) with the server's timeline, N API processes
     # under MPS; first with vLLM's default graph sizes (up to 256 tokens, so a burst's prefill
     # steps ran eagerly), then with ChatTTS's default (up to 2,048: piecewise graphs for them).
-    # S1 / S2 s limits.
-    for cfg in base graphs; do
+    # S1 / S2 s limits; CONFIGS="base" or "graphs" runs one (a fresh machine's first server start
+    # took 151 s on 2026-11-29, so both plus the setup did not fit one call).
+    for cfg in ${CONFIGS:-base graphs}; do
       extra="--api-server-count ${2:-8}"
       [ $cfg = base ] && extra="$extra --compilation-config '{\"max_cudagraph_capture_size\":256}'"
       lim=$([ $cfg = base ] && echo ${3:-200} || echo ${4:-170})
@@ -373,9 +374,9 @@ case "${1:-}" in
           --rounds 3 --concurrency 64 --client-procs 8 --tag "asc${2:-8}-mps-tl-$cfg" > /dev/null 2>&1
       mv $W/bench-serving.log "$W/bench-serving-$cfg.log"; gpu_free
     done
-    for cfg in base graphs; do echo "== $cfg"; quiet $W/bench-serving-$cfg.log | grep -A2 "mode  conc"
-      $py benchmarks/timeline_report.py $W/timeline-$cfg --json $W/timeline-report-$cfg.json 2>&1 | head -16; done
-    tar czf $W/timelines.tgz -C $W timeline-base timeline-graphs 2>/dev/null; rm -rf $W/timeline-base $W/timeline-graphs ;;
+    for cfg in ${CONFIGS:-base graphs}; do echo "== $cfg"; quiet $W/bench-serving-$cfg.log | grep -A2 "mode  conc"
+      $py benchmarks/timeline_report.py $W/timeline-$cfg --json $W/timeline-report-$cfg.json 2>&1 | head -16
+      tar czf $W/timeline-$cfg.tgz -C $W timeline-$cfg 2>/dev/null; rm -rf $W/timeline-$cfg; done ;;
   thrucores)
     # One card: ChatTTS against stock at batch 512 (GPT, then decode after it), both with the engine
     # core in-process (every throughput row until 2026-11-29), then both with it in its own process
