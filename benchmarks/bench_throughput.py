@@ -143,6 +143,28 @@ def profiled(fn, cuda: bool, top: int = 12):
     return result, dict(by_cpu=rows("self_cpu_time_total"), by_device=rows("self_device_time_total"))
 
 
+def cuda_memory_counters(cuda: bool) -> dict[str, float]:
+    """The caching allocator's device allocations, frees and retries so far, and the free GPU
+    memory: a round that allocates from the device every step (memory tight after the audio
+    models and the decoder's warm-up) synchronises every step, which async scheduling cannot hide."""
+    if not cuda:
+        return {}
+    import torch
+
+    st = torch.cuda.memory_stats()
+    return dict(device_allocs=st.get("num_device_alloc", 0), device_frees=st.get("num_device_free", 0),
+                alloc_retries=st.get("num_alloc_retries", 0), free_gib=torch.cuda.mem_get_info()[0] / 2**30)
+
+
+def cuda_memory_delta(before: dict, after: dict) -> dict[str, float]:
+    """Counts during the round, and the free memory at its start."""
+    if not before:
+        return {}
+    out = {k: after[k] - before[k] for k in ("device_allocs", "device_frees", "alloc_retries")}
+    out["free_gib_at_start"] = round(before["free_gib"], 2)
+    return out
+
+
 def child_engine(args) -> None:
     """One ChatTTS engine: start, warm up, then one timed share per round, each after the barrier."""
     plan = json.loads(Path(args.plan).read_text())
@@ -194,6 +216,7 @@ def child_engine(args) -> None:
         out = {"share": share}
         if share:
             texts, ps = requests_for(off, share, frames)
+            mem0 = cuda_memory_counters(cuda)
             t_start = time.time()
             if plan["rounds"][r].get("decode") == "overlap":
                 from chattts_vllm.serving.overlap import OverlappedDecode
@@ -216,6 +239,7 @@ def child_engine(args) -> None:
                     samples = decode(audio, frames_out, cuda)
             t_end = time.time()
             out["gpt_phases_s"] = {k: round(v, 3) for k, v in tts.last_timing.items()}
+            out["cuda_memory"] = cuda_memory_delta(mem0, cuda_memory_counters(cuda))
             out.update(frames=sum(x.num_frames for x in res), samples=samples, t_go=t_go,
                        t_start=t_start, t_gpt_end=t_gpt, t_end=t_end, gpt_s=t_gpt - t_start,
                        decode_s=t_end - t_gpt)
@@ -436,6 +460,7 @@ def run_engine_set(args, model: Path, eset: dict, work: Path, env: dict, deadlin
                        per_engine_decode_s=[round(o["decode_s"], 3) for o in act],
                        # Each engine's GPT time by phase (requests built / engine / read back).
                        per_engine_gpt_phases_s=[o.get("gpt_phases_s") for o in act],
+                       per_engine_cuda_memory=[o.get("cuda_memory") for o in act],
                        **({"streamed_frames": sum(o["streamed_frames"] for o in act)}
                           if rnd.get("decode") == "overlap" else {}),
                        **({"decode_profile": [o.get("decode_profile") for o in act]}
@@ -451,7 +476,7 @@ def run_engine_set(args, model: Path, eset: dict, work: Path, env: dict, deadlin
                 f"repeat={rnd.get('repeat', 0)}: "
                 f"gpt {row['gpt_audio_s_per_s']:.1f}, "
                 f"e2e {row['e2e_audio_s_per_s']:.1f} audio-s/s (gpt {gpt_wall:.2f} s, e2e {e2e_wall:.2f} s; "
-                f"phases {row['per_engine_gpt_phases_s']})")
+                f"phases {row['per_engine_gpt_phases_s']}; cuda memory {row['per_engine_cuda_memory']})")
     except (RuntimeError, TimeoutError) as e:
         log(f"engine set stopped early: {e}")
         for p in procs:
@@ -747,8 +772,9 @@ def main() -> None:
         if not after and not over:
             continue
         row = {k: v for k, v in (after or over)[0].items() if k not in drop}
-        if row.get("per_engine_gpt_phases_s"):              # one engine: its phases, unlisted
-            row["gpt_phases_s"] = row.pop("per_engine_gpt_phases_s")[0]
+        for many, one in (("per_engine_gpt_phases_s", "gpt_phases_s"), ("per_engine_cuda_memory", "cuda_memory")):
+            if row.get(many):                                # one engine: its own, unlisted
+                row[one] = row.pop(many)[0]
         if not after:                    # overlap only: its GPT and e2e are the row's
             row["decode"] = "overlap"
         if over and after:

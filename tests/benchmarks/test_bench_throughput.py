@@ -78,3 +78,12 @@ def test_a_repeated_sweep_row_is_its_median_round_with_every_rate():
     (low,) = bench.median_round(rounds[:2])              # even count: the lower middle, a real round
     assert low["gpt_audio_s_per_s"] == 900
     assert bench.median_round(rounds[:1]) == rounds[:1] and bench.median_round([]) == []
+
+
+def test_cuda_memory_counters_are_differenced_per_round():
+    bench = _bench()
+    assert bench.cuda_memory_counters(False) == {} and bench.cuda_memory_delta({}, {}) == {}
+    before = dict(device_allocs=10, device_frees=4, alloc_retries=0, free_gib=20.123)
+    after = dict(device_allocs=480, device_frees=474, alloc_retries=2, free_gib=0.5)
+    assert bench.cuda_memory_delta(before, after) == dict(device_allocs=470, device_frees=470,
+                                                          alloc_retries=2, free_gib_at_start=20.12)
