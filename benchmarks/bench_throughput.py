@@ -143,6 +143,34 @@ def profiled(fn, cuda: bool, top: int = 12):
     return result, dict(by_cpu=rows("self_cpu_time_total"), by_device=rows("self_device_time_total"))
 
 
+class GcTimer:
+    """Python garbage collections during a block: how many, and their total and longest pause
+    (a full collection over a large engine heap stops the step loop for as long as it runs)."""
+
+    def __enter__(self) -> "GcTimer":
+        import gc
+
+        self.count, self.total_s, self.max_s, self._t0 = 0, 0.0, 0.0, 0.0
+        gc.callbacks.append(self._on_gc)
+        return self
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            took = time.perf_counter() - self._t0
+            self.count, self.total_s, self.max_s = self.count + 1, self.total_s + took, max(self.max_s, took)
+
+    def __exit__(self, *exc) -> None:
+        import gc
+
+        gc.callbacks.remove(self._on_gc)
+
+    def summary(self) -> dict[str, float]:
+        return dict(collections=self.count, total_ms=round(self.total_s * 1e3, 1),
+                    longest_ms=round(self.max_s * 1e3, 1))
+
+
 def cuda_memory_counters(cuda: bool) -> dict[str, float]:
     """The caching allocator's device allocations, frees and retries so far, and the free GPU
     memory: a round that allocates from the device every step (memory tight after the audio
@@ -217,6 +245,7 @@ def child_engine(args) -> None:
         if share:
             texts, ps = requests_for(off, share, frames)
             mem0 = cuda_memory_counters(cuda)
+            gc_timer = GcTimer().__enter__()
             t_start = time.time()
             if plan["rounds"][r].get("decode") == "overlap":
                 from chattts_vllm.serving.overlap import OverlappedDecode
@@ -224,6 +253,7 @@ def child_engine(args) -> None:
                 watcher = OverlappedDecode(audio)
                 res = tts.infer_code(texts, ps, use_tqdm=False, watcher=watcher, mapped=True)
                 t_gpt = time.time()
+                gc_timer.__exit__()
                 samples = sum(len(w) for w in watcher.finish(res))
                 if cuda:
                     torch.cuda.synchronize()
@@ -232,6 +262,7 @@ def child_engine(args) -> None:
                 # As `ChatTTS.synthesize` collects results it decodes at once: mapped, not copied.
                 res = tts.infer_code(texts, ps, use_tqdm=False, mapped=True)
                 t_gpt = time.time()
+                gc_timer.__exit__()
                 frames_out = [(x.codes, x.hidden) for x in res]
                 if plan.get("profile_decode"):
                     samples, out["decode_profile"] = profiled(lambda: decode(audio, frames_out, cuda), cuda)
@@ -240,6 +271,7 @@ def child_engine(args) -> None:
             t_end = time.time()
             out["gpt_phases_s"] = {k: round(v, 3) for k, v in tts.last_timing.items()}
             out["cuda_memory"] = cuda_memory_delta(mem0, cuda_memory_counters(cuda))
+            out["gpt_gc"] = gc_timer.summary()
             out.update(frames=sum(x.num_frames for x in res), samples=samples, t_go=t_go,
                        t_start=t_start, t_gpt_end=t_gpt, t_end=t_end, gpt_s=t_gpt - t_start,
                        decode_s=t_end - t_gpt)
@@ -280,14 +312,18 @@ def child_stock(args) -> None:
         prompts = [{"prompt_token_ids": [random.randrange(626) for _ in range(20)]} for _ in range(b)]
         llm.generate(prompts[:min(b, 8)], sp, use_tqdm=False)          # warm-up
         rates = []
+        gcs = []
         for _ in range(plan.get("repeats", 1)):
-            t0 = time.perf_counter()
-            outs = llm.generate(prompts, sp, use_tqdm=False)
-            t = time.perf_counter() - t0
+            with GcTimer() as gc_timer:
+                t0 = time.perf_counter()
+                outs = llm.generate(prompts, sp, use_tqdm=False)
+                t = time.perf_counter() - t0
+            gcs.append(gc_timer.summary())
             n = sum(len(o.outputs[0].token_ids) for o in outs)
             rates.append(n / t)
         rate = statistics.median_low(rates)          # a measured round, as ChatTTS's rows
         rows.append(dict(batch=b, stock_frames_per_s=rate, stock_llama_audio_s_per_s=rate / FPS,
+                         stock_gc=gcs,
                          **({"stock_rounds_audio_s_per_s": [round(x / FPS, 1) for x in rates]}
                             if len(rates) > 1 else {})))
         print(json.dumps(rows[-1]), flush=True)
@@ -461,6 +497,7 @@ def run_engine_set(args, model: Path, eset: dict, work: Path, env: dict, deadlin
                        # Each engine's GPT time by phase (requests built / engine / read back).
                        per_engine_gpt_phases_s=[o.get("gpt_phases_s") for o in act],
                        per_engine_cuda_memory=[o.get("cuda_memory") for o in act],
+                       per_engine_gpt_gc=[o.get("gpt_gc") for o in act],
                        **({"streamed_frames": sum(o["streamed_frames"] for o in act)}
                           if rnd.get("decode") == "overlap" else {}),
                        **({"decode_profile": [o.get("decode_profile") for o in act]}
@@ -476,7 +513,8 @@ def run_engine_set(args, model: Path, eset: dict, work: Path, env: dict, deadlin
                 f"repeat={rnd.get('repeat', 0)}: "
                 f"gpt {row['gpt_audio_s_per_s']:.1f}, "
                 f"e2e {row['e2e_audio_s_per_s']:.1f} audio-s/s (gpt {gpt_wall:.2f} s, e2e {e2e_wall:.2f} s; "
-                f"phases {row['per_engine_gpt_phases_s']}; cuda memory {row['per_engine_cuda_memory']})")
+                f"phases {row['per_engine_gpt_phases_s']}; cuda memory {row['per_engine_cuda_memory']}; "
+                f"gc {row['per_engine_gpt_gc']})")
     except (RuntimeError, TimeoutError) as e:
         log(f"engine set stopped early: {e}")
         for p in procs:
@@ -772,7 +810,8 @@ def main() -> None:
         if not after and not over:
             continue
         row = {k: v for k, v in (after or over)[0].items() if k not in drop}
-        for many, one in (("per_engine_gpt_phases_s", "gpt_phases_s"), ("per_engine_cuda_memory", "cuda_memory")):
+        for many, one in (("per_engine_gpt_phases_s", "gpt_phases_s"), ("per_engine_cuda_memory", "cuda_memory"),
+                          ("per_engine_gpt_gc", "gpt_gc")):
             if row.get(many):                                # one engine: its own, unlisted
                 row[one] = row.pop(many)[0]
         if not after:                    # overlap only: its GPT and e2e are the row's

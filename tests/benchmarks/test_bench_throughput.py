@@ -87,3 +87,16 @@ def test_cuda_memory_counters_are_differenced_per_round():
     after = dict(device_allocs=480, device_frees=474, alloc_retries=2, free_gib=0.5)
     assert bench.cuda_memory_delta(before, after) == dict(device_allocs=470, device_frees=470,
                                                           alloc_retries=2, free_gib_at_start=20.12)
+
+
+def test_gc_timer_counts_the_collections_in_its_block():
+    import gc
+
+    bench = _bench()
+    with bench.GcTimer() as t:
+        gc.collect()
+        gc.collect()
+    s = t.summary()
+    assert s["collections"] == 2 and s["total_ms"] >= s["longest_ms"] >= 0
+    gc.collect()
+    assert t.summary()["collections"] == 2                  # nothing counted after the block
