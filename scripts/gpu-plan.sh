@@ -51,6 +51,7 @@
 #   bash scripts/gpu-plan.sh burststacks N S # one card: bursts only, every server process's stacks sampled (~4 min)
 #   bash scripts/gpu-plan.sh bursttl N S # one card: bursts only, the server's timeline and its report (~4 min)
 #   bash scripts/gpu-plan.sh bursttlab N S1 S2 # one card: bursttl with vLLM's graph sizes, then ChatTTS's (~6 min)
+#   bash scripts/gpu-plan.sh burstgraphs N S # one card: bursttl with audio CUDA graphs captured at start-up (~5 min)
 #   bash scripts/gpu-plan.sh profileq   # one card: per-step host time, ChatTTS (with/without export) and stock (~5 min)
 #   bash scripts/gpu-plan.sh measure    # card 0: throughput + stock, then the ChatTTS host   (~9 min)
 #                                       #         profile (per step vs per batch)
@@ -377,6 +378,19 @@ case "${1:-}" in
     for cfg in ${CONFIGS:-base graphs}; do echo "== $cfg"; quiet $W/bench-serving-$cfg.log | grep -A2 "mode  conc"
       $py benchmarks/timeline_report.py $W/timeline-$cfg --json $W/timeline-report-$cfg.json 2>&1 | head -16
       tar czf $W/timeline-$cfg.tgz -C $W timeline-$cfg 2>/dev/null; rm -rf $W/timeline-$cfg; done ;;
+  burstgraphs)
+    # One card: bursttl with the audio's CUDA graphs (CHATTTS_AUDIO_CUDA_GRAPHS=1): every stream
+    # shape captured at each padded batch size at start-up, then frozen (no capture while
+    # serving); the first chunk's decode was 33 ms p50 of a 152 ms burst TTFA. S s limit.
+    CHATTTS_AUDIO_CUDA_GRAPHS=1 CHATTTS_VLLM_TIMELINE=$W/timeline-agraphs SERVE_MPS=1 \
+        SERVE_EXTRA="--api-server-count ${2:-8}" SERVING_TIMEOUT=${3:-250} OUT=$W card0 \
+        bash scripts/gpu-check.sh serving --first-chunk-frames 6 --arrivals lockstep --rounds 3 \
+        --concurrency 64 --client-procs 8 --tag "asc${2:-8}-mps-agraphs" > /dev/null 2>&1
+    mv $W/bench-serving.log "$W/bench-serving-agraphs.log"; gpu_free
+    quiet $W/bench-serving-agraphs.log | grep -A2 "mode  conc"
+    grep -h "audio CUDA graphs captured" $W/serving-*-agraphs-server.log | head -2
+    $py benchmarks/timeline_report.py $W/timeline-agraphs --json $W/timeline-report-agraphs.json 2>&1 | head -16
+    tar czf $W/timeline-agraphs.tgz -C $W timeline-agraphs 2>/dev/null; rm -rf $W/timeline-agraphs ;;
   thrucores)
     # One card: ChatTTS against stock at batch 512 (GPT, then decode after it), both with the engine
     # core in-process (every throughput row until 2026-11-29), then both with it in its own process
@@ -399,7 +413,7 @@ case "${1:-}" in
     grep -h "^== " $W/profile-q*.log ;;
   ray)
     RAY_TIMEOUT=420 OUT=$W bash scripts/gpu-check.sh ray | tail -8 ;;
-  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile|fronts|fronts-mps|mpsfront|thru1|mpsengines|pinning|cores|best|warm|tests1|thrucores|profileq|bursts|burststacks|bursttl|bursttlab"; exit 2 ;;
+  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile|fronts|fronts-mps|mpsfront|thru1|mpsengines|pinning|cores|best|warm|tests1|thrucores|profileq|bursts|burststacks|bursttl|bursttlab|burstgraphs"; exit 2 ;;
 esac
 find benchmarks/results -maxdepth 1 -newer "$stamp" \( -name '*.json' -o -name '*.png' \) -exec cp -f {} $W/ \;
 rm -f "$stamp"

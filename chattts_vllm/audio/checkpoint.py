@@ -236,5 +236,6 @@ def load_audio_models(model_dir: str | Path, device: str | torch.device = "cpu",
 
         if graphs_enabled_by_env():
             for m in (models.decoder, models.dvae, models.vocos):
-                enable_cuda_graphs(m)
+                # Room for a server's warmed shapes: ~7 per stream x 7 padded batch sizes.
+                enable_cuda_graphs(m, max_entries=128)
     return models

@@ -11,6 +11,12 @@ serialised by one lock, so the shared pool's intermediates never overlap.
 Enabled for the models' decode paths with `enable_cuda_graphs(module)` (Decoder, DVAE, Vocos: see
 their `decode_frames`), which `load_audio_models` does on CUDA when `CHATTTS_AUDIO_CUDA_GRAPHS=1`.
 The graphs replay the same kernels as eager calls, so results are bit-identical.
+
+`freeze_cuda_graphs(module)` stops new captures: shapes captured so far keep replaying, any other
+runs eagerly. The server captures its streams' fixed shapes at start-up and then freezes, because
+a capture while serving holds the replay lock for tens of milliseconds while every other stream
+waits (what made graphs slower in the server on the H100, 2026-11-28: streaming pushes come in
+many shapes).
 """
 from __future__ import annotations
 
@@ -66,6 +72,7 @@ class GraphCache:
         self._seen: collections.Counter = collections.Counter()
         self.captures = 0
         self.replays = 0
+        self.frozen = False                 # True: no new captures (see freeze_cuda_graphs)
 
     def _key(self, x: torch.Tensor) -> tuple:
         return tuple(x.shape), x.stride(), x.dtype, x.device, torch.is_inference_mode_enabled()
@@ -77,6 +84,8 @@ class GraphCache:
         key = self._key(x)
         with _LOCK:
             entry = self._graphs.get(key)
+            if entry is None and self.frozen:
+                return self.fn(x)
             if entry is None:
                 self._seen[key] += 1
                 if self._seen[key] < self.min_calls:
@@ -133,6 +142,14 @@ def enable_cuda_graphs(module: torch.nn.Module, **kw) -> torch.nn.Module:
         name: GraphCache(getattr(module, f"_{name}"), **kw)
         for name in GRAPHED_METHODS if hasattr(module, f"_{name}")}
     return module
+
+
+def freeze_cuda_graphs(module: torch.nn.Module) -> int:
+    """No new captures in `module`'s caches from now on; returns the graphs it keeps."""
+    caches = module.__dict__.get("_graph_caches") or {}
+    for cache in caches.values():
+        cache.frozen = True
+    return sum(len(c._graphs) for c in caches.values())
 
 
 def disable_cuda_graphs(module: torch.nn.Module) -> torch.nn.Module:

@@ -164,16 +164,23 @@ def first_output_frames(models: AudioModels, use_decoder: bool = True) -> int:
 
 @torch.inference_mode()
 def warm_up_audio(models: AudioModels, first_push: int, block: int, early: tuple[int, ...] = (),
-                  use_decoder: bool = True) -> None:
-    """Decode silence once in every shape one stream asks for: a whole utterance of each `early`
+                  use_decoder: bool = True, batches: tuple[int, ...] = (1,), repeat: int = 1) -> None:
+    """Decode silence in every shape one stream asks for: a whole utterance of each `early`
     length (the low-latency first chunk), then a stream's first push, one block and the flush.
     On the GPU the first call of each shape JIT-compiles (and autotunes) Triton kernels for
-    seconds; a server does that at start-up, not inside its first requests' time to first audio."""
+    seconds; a server does that at start-up, not inside its first requests' time to first audio.
+
+    `batches`: also as lockstep batches of these sizes (the coalescer's padded batches of that many
+    streams); `repeat`: each that many times (audio CUDA graphs capture on a shape's second call)."""
     width = models.decoder.frame_dim if use_decoder else 4
-    silence = (lambda n: (np.zeros((n, 4), np.int64), np.zeros((n, width), np.float32)))
-    for n in early:
-        decode_utterance(models, *silence(n), use_decoder)
-    dec = stream_decoder(models, use_decoder)
-    for n in (first_push, block):
-        dec.push(frames_input(*silence(n), use_decoder))
-    dec.flush()
+    for b in batches:
+        def silence(n: int) -> torch.Tensor:
+            x = frames_input(np.zeros((n, 4), np.int64), np.zeros((n, width), np.float32), use_decoder)
+            return x if b == 1 else x.expand(b, *x.shape).contiguous()
+        for _ in range(repeat):
+            for n in early:
+                _decode_rows(models, silence(n)[None] if b == 1 else silence(n), use_decoder)
+            dec = stream_decoder(models, use_decoder)
+            for n in (first_push, block):
+                dec.push(silence(n))
+            dec.flush()

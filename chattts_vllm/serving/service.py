@@ -7,6 +7,7 @@ before a single byte of audio is sent, so a bad request costs no engine time and
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 from chattts_vllm.audio.checkpoint import load_audio_models
 from chattts_vllm.audio.coalesce import Coalescer
 from chattts_vllm.audio.convnext import triton_kernels
-from chattts_vllm.audio.graphs import graphs_enabled_by_env
+from chattts_vllm.audio.graphs import freeze_cuda_graphs, graphs_enabled_by_env
 from chattts_vllm.gpt.requests import EnginePrompt, code_request
 from chattts_vllm.params import InferCodeParams, InvalidParamsError, RefineTextParams
 from chattts_vllm.serving import metrics
@@ -33,6 +34,7 @@ from chattts_vllm.text.speaker import (InvalidSpeakerError, SpeakerStats, Unknow
                                        resolve_voice)
 
 _EMPTY = (normalize.EmptyTextError, prompt.EmptyTextError)
+logger = logging.getLogger(__name__)
 
 
 def audio_device() -> tuple[str, torch.dtype]:
@@ -67,7 +69,8 @@ def audio_threads(coalesce: bool) -> int:
 
 
 INLINE_SPLIT_CHARS = 400          # inputs up to this long are normalised on the event loop
-WARM_FIRST_CHUNK_FRAMES = 12     # a first-chunk length warmed at start-up besides the server's own
+WARM_FIRST_CHUNK_FRAMES = (6, 12)  # first-chunk lengths warmed at start-up besides the server's own
+GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64)   # coalesced batches (padded) captured with audio graphs
 
 
 def audio_warm_up(device: str) -> bool:
@@ -112,10 +115,18 @@ class SpeechService:
         self.stream_config = StreamConfig.from_env()
         if audio_warm_up(device):
             cfg = self.stream_config
-            early = sorted({n for f in (cfg.first_chunk_frames, WARM_FIRST_CHUNK_FRAMES) if f > 0
+            early = sorted({n for f in (cfg.first_chunk_frames, *WARM_FIRST_CHUNK_FRAMES) if f > 0
                             for n in early_points(f, self.audio.lookahead)})
+            # With audio CUDA graphs: every shape at every padded batch size, twice (a graph is
+            # captured on a shape's second call), then no more captures while serving.
+            graphs = graphs_enabled_by_env() and torch.device(device).type == "cuda"
             warm_up_audio(self.audio.models, max(cfg.first_block, self.audio.lookahead), cfg.block,
-                          tuple(early), self.audio.use_decoder)
+                          tuple(early), self.audio.use_decoder,
+                          batches=GRAPH_BATCHES if graphs else (1,), repeat=2 if graphs else 1)
+            if graphs:
+                m = self.audio.models
+                kept = sum(freeze_cuda_graphs(net) for net in (m.decoder, m.dvae, m.vocos))
+                logger.info("chattts: %d audio CUDA graphs captured at start-up, no more while serving", kept)
             triton_kernels("tune_cache").save()     # the autotune picks: a restart skips tuning
 
     @classmethod

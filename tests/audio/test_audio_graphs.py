@@ -6,7 +6,8 @@ import torch
 
 from chattts_vllm.audio.checkpoint import (decoder_shapes, load_decoder, load_vocos, random_state_dict,
                                            vocos_shapes)
-from chattts_vllm.audio.graphs import GraphCache, disable_cuda_graphs, enable_cuda_graphs
+from chattts_vllm.audio.graphs import (GraphCache, disable_cuda_graphs, enable_cuda_graphs,
+                                       freeze_cuda_graphs)
 from chattts_vllm.audio.stream import StreamingDecoder
 
 
@@ -75,3 +76,22 @@ def test_graph_cache_counts_before_capture():
     cache = GraphCache(lambda x: calls.append(1) or x * 2, min_calls=3)
     x = torch.ones(3)
     assert torch.equal(cache(x), x * 2) and cache.captures == 0 and len(calls) == 1
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_frozen_caches_replay_what_they_hold_and_capture_nothing_new():
+    """After `freeze_cuda_graphs`, a captured shape still replays and a new one runs eagerly with
+    no capture (a server captures its warmed shapes, then never stalls its streams on a capture)."""
+    dec, voc = _tiny("cuda")
+    enable_cuda_graphs(dec)
+    x5, x7 = torch.randn(2, 5, 16, device="cuda"), torch.randn(2, 7, 16, device="cuda")
+    want5, want7 = dec._decode_frames(x5), dec._decode_frames(x7)
+    dec.decode_frames(x5), dec.decode_frames(x5)                 # captured on the second call
+    cache = dec._graph_caches["decode_frames"]
+    assert cache.captures == 1 and freeze_cuda_graphs(dec) == 1
+    for _ in range(3):
+        assert torch.equal(dec.decode_frames(x7), want7)
+        assert torch.equal(dec.decode_frames(x5), want5)
+    assert cache.captures == 1 and cache.replays == 4            # x5's capture call, then 3 replays
+    assert freeze_cuda_graphs(voc) == 0                          # no caches: nothing to freeze

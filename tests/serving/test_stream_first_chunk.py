@@ -188,3 +188,20 @@ def test_warm_up_runs_every_stream_shape(audio):
     assert seen[:2] == [12, 20]                       # the early chunks, decoded whole
     assert seen[2] == audio.lookahead                 # the first push
     assert len(seen) >= 4 and all(n > 0 for n in seen)  # a block, then the flush
+
+
+def test_warm_up_with_batches_runs_each_shape_per_batch_and_repeat(audio):
+    """With audio CUDA graphs the server warms every shape as each padded batch size, twice (a
+    graph is captured on a shape's second call); without, once at batch 1 (as above)."""
+    seen = []
+    dec = audio.models.decoder
+    orig = dec.decode_frames
+    dec.decode_frames = lambda x: (seen.append((x.shape[0], x.shape[1])), orig(x))[1]
+    try:
+        warm_up_audio(audio.models, audio.lookahead, 48, early=(12,), batches=(1, 2), repeat=2)
+    finally:
+        del dec.decode_frames
+    one = [t for b, t in seen if b == 1]
+    assert [t for b, t in seen if b == 2] == one              # the same shapes at batch 2
+    assert len(one) % 2 == 0 and one[:len(one) // 2] == one[len(one) // 2:]   # twice each
+    assert one[0] == 12 and one[1] == audio.lookahead
