@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from chattts_vllm.audio.checkpoint import AudioModels
+from chattts_vllm.audio.coalesce import coalesced_models
 from chattts_vllm.audio.stream import StreamingDecoder
 from chattts_vllm.params import InferCodeParams, RefineTextParams
 from chattts_vllm.serving.staging import thread_staging
@@ -171,16 +172,29 @@ def warm_up_audio(models: AudioModels, first_push: int, block: int, early: tuple
     seconds; a server does that at start-up, not inside its first requests' time to first audio.
 
     `batches`: also as lockstep batches of these sizes (the coalescer's padded batches of that many
-    streams); `repeat`: each that many times (audio CUDA graphs capture on a shape's second call)."""
+    streams; their network inputs made contiguous, as the coalescer's concatenation makes them, so
+    that a CUDA graph captured here has the key a served batch looks up); `repeat`: each that many
+    times (audio CUDA graphs capture on a shape's second call)."""
     width = models.decoder.frame_dim if use_decoder else 4
     for b in batches:
+        nets = models if b == 1 else coalesced_models(models, _ContiguousCalls())
+
         def silence(n: int) -> torch.Tensor:
             x = frames_input(np.zeros((n, 4), np.int64), np.zeros((n, width), np.float32), use_decoder)
             return x if b == 1 else x.expand(b, *x.shape).contiguous()
         for _ in range(repeat):
             for n in early:
-                _decode_rows(models, silence(n)[None] if b == 1 else silence(n), use_decoder)
-            dec = stream_decoder(models, use_decoder)
+                _decode_rows(nets, silence(n)[None] if b == 1 else silence(n), use_decoder)
+            dec = stream_decoder(nets, use_decoder)
             for n in (first_push, block):
                 dec.push(silence(n))
             dec.flush()
+
+
+class _ContiguousCalls:
+    """Stands in for a Coalescer in `coalesced_models`: each network call runs at once, on its
+    input made contiguous, as a coalesced batch's concatenation makes it."""
+
+    @staticmethod
+    def wrap(fn):
+        return lambda x, *static: fn(x.contiguous(), *static)

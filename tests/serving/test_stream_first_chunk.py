@@ -196,12 +196,13 @@ def test_warm_up_with_batches_runs_each_shape_per_batch_and_repeat(audio):
     seen = []
     dec = audio.models.decoder
     orig = dec.decode_frames
-    dec.decode_frames = lambda x: (seen.append((x.shape[0], x.shape[1])), orig(x))[1]
+    dec.decode_frames = lambda x: (seen.append((x.shape[0], x.shape[1], x.is_contiguous())), orig(x))[1]
     try:
         warm_up_audio(audio.models, audio.lookahead, 48, early=(12,), batches=(1, 2), repeat=2)
     finally:
         del dec.decode_frames
-    one = [t for b, t in seen if b == 1]
-    assert [t for b, t in seen if b == 2] == one              # the same shapes at batch 2
+    one = [t for b, t, _ in seen if b == 1]
+    assert [t for b, t, _ in seen if b == 2] == one           # the same shapes at batch 2,
+    assert all(c for b, _, c in seen if b == 2)               # contiguous, as a coalesced batch
     assert len(one) % 2 == 0 and one[:len(one) // 2] == one[len(one) // 2:]   # twice each
     assert one[0] == 12 and one[1] == audio.lookahead
