@@ -52,6 +52,7 @@
 #   bash scripts/gpu-plan.sh bursttl N S # one card: bursts only, the server's timeline and its report (~4 min)
 #   bash scripts/gpu-plan.sh bursttlab N S1 S2 # one card: bursttl with vLLM's graph sizes, then ChatTTS's (~6 min)
 #   bash scripts/gpu-plan.sh burstgraphs N S # one card: bursttl with audio CUDA graphs captured at start-up (~5 min)
+#   bash scripts/gpu-plan.sh profileaudio # one card: ChatTTS step time without and with the audio models in its process, stock (~6 min)
 #   bash scripts/gpu-plan.sh profileq   # one card: per-step host time, ChatTTS (with/without export) and stock (~5 min)
 #   bash scripts/gpu-plan.sh measure    # card 0: throughput + stock, then the ChatTTS host   (~9 min)
 #                                       #         profile (per step vs per batch)
@@ -411,9 +412,20 @@ case "${1:-}" in
     card0 timeout 150 $py benchmarks/profile_gpt_step.py --quick --stock --batch 512 --frames 300 \
         > $W/profile-q-stock.log 2>&1
     grep -h "^== " $W/profile-q*.log ;;
+  profileaudio)
+    # One card: ChatTTS's per-step host time at batch 512 x 300 frames, plain, then with the audio
+    # models loaded and the decoder warmed in the same process (as the throughput benchmark's
+    # engine process has them), then stock; the same call.
+    for extra in "" --with-audio; do
+      card0 timeout 200 $py benchmarks/profile_gpt_step.py --quick --batch 512 --frames 300 $extra \
+          > "$W/profile-q$extra.log" 2>&1; gpu_free
+    done
+    card0 timeout 150 $py benchmarks/profile_gpt_step.py --quick --stock --batch 512 --frames 300 \
+        > $W/profile-q-stock.log 2>&1
+    grep -h "^== " $W/profile-q*.log ;;
   ray)
     RAY_TIMEOUT=420 OUT=$W bash scripts/gpu-check.sh ray | tail -8 ;;
-  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile|fronts|fronts-mps|mpsfront|thru1|mpsengines|pinning|cores|best|warm|tests1|thrucores|profileq|bursts|burststacks|bursttl|bursttlab|burstgraphs"; exit 2 ;;
+  *) echo "usage: $0 build|check|scale|extra|ray|measure|verify|confirm|diagnose|variants|final|engines|ttfa|mps|profile|fronts|fronts-mps|mpsfront|thru1|mpsengines|pinning|cores|best|warm|tests1|thrucores|profileq|bursts|burststacks|bursttl|bursttlab|burstgraphs|profileaudio"; exit 2 ;;
 esac
 find benchmarks/results -maxdepth 1 -newer "$stamp" \( -name '*.json' -o -name '*.png' \) -exec cp -f {} $W/ \;
 rm -f "$stamp"
