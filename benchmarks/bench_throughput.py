@@ -245,24 +245,22 @@ def child_engine(args) -> None:
         if share:
             texts, ps = requests_for(off, share, frames)
             mem0 = cuda_memory_counters(cuda)
-            gc_timer = GcTimer().__enter__()
             t_start = time.time()
+            watcher = None
             if plan["rounds"][r].get("decode") == "overlap":
                 from chattts_vllm.serving.overlap import OverlappedDecode
 
                 watcher = OverlappedDecode(audio)
+            with GcTimer() as gc_timer:
+                # As `ChatTTS.synthesize` collects results it decodes at once: mapped, not copied.
                 res = tts.infer_code(texts, ps, use_tqdm=False, watcher=watcher, mapped=True)
-                t_gpt = time.time()
-                gc_timer.__exit__()
+            t_gpt = time.time()
+            if watcher is not None:
                 samples = sum(len(w) for w in watcher.finish(res))
                 if cuda:
                     torch.cuda.synchronize()
                 out["streamed_frames"] = sum(g.pushed * len(g.rows) for g in watcher.groups)
             else:
-                # As `ChatTTS.synthesize` collects results it decodes at once: mapped, not copied.
-                res = tts.infer_code(texts, ps, use_tqdm=False, mapped=True)
-                t_gpt = time.time()
-                gc_timer.__exit__()
                 frames_out = [(x.codes, x.hidden) for x in res]
                 if plan.get("profile_decode"):
                     samples, out["decode_profile"] = profiled(lambda: decode(audio, frames_out, cuda), cuda)

@@ -97,6 +97,21 @@ ttfa_run() {
   mv $W/bench-serving.log "$W/bench-serving-$1.log"; gpu_free
 }
 serving_table() { for f in $W/bench-serving*.log; do quiet "$f" | grep -A7 "mode  conc"; done; }
+# Bursts of 64 arrivals (8 client processes, 3 rounds), N API processes under MPS, the server's
+# timeline in $W/timeline-NAME: tl_run NAME N LIMIT_S (TL_EXTRA: more serve flags; other settings
+# from the caller's environment); tl_report NAME prints the level and the timeline report, and
+# packs the timeline.
+tl_run() {
+  CHATTTS_VLLM_TIMELINE=$W/timeline-$1 SERVE_MPS=1 SERVE_EXTRA="--api-server-count $2 ${TL_EXTRA:-}" \
+      SERVING_TIMEOUT=$3 OUT=$W card0 bash scripts/gpu-check.sh serving --first-chunk-frames 6 \
+      --arrivals lockstep --rounds 3 --concurrency 64 --client-procs 8 --tag "asc$2-mps-$1" > /dev/null 2>&1
+  mv $W/bench-serving.log "$W/bench-serving-$1.log"; gpu_free
+}
+tl_report() {
+  echo "== $1"; quiet $W/bench-serving-$1.log | grep -A2 "mode  conc"
+  $py benchmarks/timeline_report.py $W/timeline-$1 --json $W/timeline-report-$1.json 2>&1 | head -16
+  tar czf $W/timeline-$1.tgz -C $W timeline-$1 2>/dev/null; rm -rf $W/timeline-$1
+}
 
 case "${1:-}" in
   build)
@@ -368,30 +383,20 @@ case "${1:-}" in
     # S1 / S2 s limits; CONFIGS="base" or "graphs" runs one (a fresh machine's first server start
     # took 151 s on 2026-11-29, so both plus the setup did not fit one call).
     for cfg in ${CONFIGS:-base graphs}; do
-      extra="--api-server-count ${2:-8}"
-      [ $cfg = base ] && extra="$extra --compilation-config '{\"max_cudagraph_capture_size\":256}'"
-      lim=$([ $cfg = base ] && echo ${3:-200} || echo ${4:-170})
-      CHATTTS_VLLM_TIMELINE=$W/timeline-$cfg SERVE_MPS=1 SERVE_EXTRA="$extra" SERVING_TIMEOUT=$lim \
-          OUT=$W card0 bash scripts/gpu-check.sh serving --first-chunk-frames 6 --arrivals lockstep \
-          --rounds 3 --concurrency 64 --client-procs 8 --tag "asc${2:-8}-mps-tl-$cfg" > /dev/null 2>&1
-      mv $W/bench-serving.log "$W/bench-serving-$cfg.log"; gpu_free
+      if [ $cfg = base ]; then
+        TL_EXTRA="--compilation-config '{\"max_cudagraph_capture_size\":256}'" tl_run tl-$cfg ${2:-8} ${3:-200}
+      else
+        tl_run tl-$cfg ${2:-8} ${4:-170}
+      fi
     done
-    for cfg in ${CONFIGS:-base graphs}; do echo "== $cfg"; quiet $W/bench-serving-$cfg.log | grep -A2 "mode  conc"
-      $py benchmarks/timeline_report.py $W/timeline-$cfg --json $W/timeline-report-$cfg.json 2>&1 | head -16
-      tar czf $W/timeline-$cfg.tgz -C $W timeline-$cfg 2>/dev/null; rm -rf $W/timeline-$cfg; done ;;
+    for cfg in ${CONFIGS:-base graphs}; do tl_report tl-$cfg; done ;;
   burstgraphs)
-    # One card: bursttl with the audio's CUDA graphs (CHATTTS_AUDIO_CUDA_GRAPHS=1): every stream
+    # One card: bursts with the audio's CUDA graphs (CHATTTS_AUDIO_CUDA_GRAPHS=1): every stream
     # shape captured at each padded batch size at start-up, then frozen (no capture while
     # serving); the first chunk's decode was 33 ms p50 of a 152 ms burst TTFA. S s limit.
-    CHATTTS_AUDIO_CUDA_GRAPHS=1 CHATTTS_VLLM_TIMELINE=$W/timeline-agraphs SERVE_MPS=1 \
-        SERVE_EXTRA="--api-server-count ${2:-8}" SERVING_TIMEOUT=${3:-250} OUT=$W card0 \
-        bash scripts/gpu-check.sh serving --first-chunk-frames 6 --arrivals lockstep --rounds 3 \
-        --concurrency 64 --client-procs 8 --tag "asc${2:-8}-mps-agraphs" > /dev/null 2>&1
-    mv $W/bench-serving.log "$W/bench-serving-agraphs.log"; gpu_free
-    quiet $W/bench-serving-agraphs.log | grep -A2 "mode  conc"
+    CHATTTS_AUDIO_CUDA_GRAPHS=1 tl_run agraphs ${2:-8} ${3:-250}
     grep -h "audio CUDA graphs captured" $W/serving-*-agraphs-server.log | head -2
-    $py benchmarks/timeline_report.py $W/timeline-agraphs --json $W/timeline-report-agraphs.json 2>&1 | head -16
-    tar czf $W/timeline-agraphs.tgz -C $W timeline-agraphs 2>/dev/null; rm -rf $W/timeline-agraphs ;;
+    tl_report agraphs ;;
   thrucores)
     # One card: ChatTTS against stock at batch 512 (GPT, then decode after it), both with the engine
     # core in-process (every throughput row until 2026-11-29), then both with it in its own process

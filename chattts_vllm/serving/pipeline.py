@@ -176,18 +176,21 @@ def warm_up_audio(models: AudioModels, first_push: int, block: int, early: tuple
     that a CUDA graph captured here has the key a served batch looks up); `repeat`: each that many
     times (audio CUDA graphs capture on a shape's second call)."""
     width = models.decoder.frame_dim if use_decoder else 4
+
+    def silence(n: int, b: int) -> torch.Tensor:
+        """n silent frames: (n, D) for one stream, (b, n, D) for a lockstep batch."""
+        x = frames_input(np.zeros((n, 4), np.int64), np.zeros((n, width), np.float32), use_decoder)
+        return x if b == 1 else x.expand(b, *x.shape).contiguous()
+
     for b in batches:
         nets = models if b == 1 else coalesced_models(models, _ContiguousCalls())
-
-        def silence(n: int) -> torch.Tensor:
-            x = frames_input(np.zeros((n, 4), np.int64), np.zeros((n, width), np.float32), use_decoder)
-            return x if b == 1 else x.expand(b, *x.shape).contiguous()
         for _ in range(repeat):
             for n in early:
-                _decode_rows(nets, silence(n)[None] if b == 1 else silence(n), use_decoder)
+                x = silence(n, b)
+                _decode_rows(nets, x[None] if b == 1 else x, use_decoder)
             dec = stream_decoder(nets, use_decoder)
             for n in (first_push, block):
-                dec.push(silence(n))
+                dec.push(silence(n, b))
             dec.flush()
 
 
